@@ -1,0 +1,359 @@
+"""Several named adapters on one base model, and their files in HF PEFT's on-disk format.
+
+Example:
+    >>> from peftkit import attach, LoraConfig, AdaptedModel
+    >>> adapted = attach(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    >>> print(adapted.trainable_report())
+    >>> adapted.save_adapter("runs/x/adapter")
+    >>> adapted, tokenizer = AdaptedModel.from_pretrained("runs/x/adapter")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import inject
+from .errors import AdapterError
+from .io import atomic_dir
+from .methods import PEFT_TYPES, AdapterLayerMixin, method_for_config
+from .methods.lora import ModulesToSave
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+SIDECAR_NAME = "peftkit.json"
+
+
+def format_trainable(trainable: int, total: int) -> str:
+    """HF PEFT's exact report line."""
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+class AdaptedModel(nn.Module):
+    """A base model with named adapters. Forward, generate and attribute access go to the base."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter_configs: dict[str, Any] = {}
+        self.adapter_targets: dict[str, list[str]] = {}
+        self.active_adapter: str | None = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # -- delegation ---------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def _layers(self) -> Iterator[tuple[str, AdapterLayerMixin]]:
+        return inject.adapter_layers(self.model)
+
+    def add_adapter(self, name: str, config: Any) -> list[str]:
+        """Attach a new adapter (it becomes active). Returns the module paths it adapted."""
+        if name in self.adapter_configs:
+            raise AdapterError(f"an adapter named {name!r} is already attached; delete it first or choose another name")
+        if not name.isidentifier():
+            raise AdapterError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
+        if any(layer.merged for _, layer in self._layers()):
+            raise AdapterError("unmerge the merged adapter before adding another")
+        method = method_for_config(config)
+        paths = method.attach(self.model, name, config)
+        self.adapter_configs[name] = config
+        self.adapter_targets[name] = paths
+        self.set_adapter(name)
+        return paths
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the active adapter (only its parameters train), or None for the bare base."""
+        if name is not None and name not in self.adapter_configs:
+            raise AdapterError(f"no adapter named {name!r}; attached: {', '.join(self.adapter_configs) or 'none'}")
+        for _, layer in self._layers():
+            layer.set_active(name if name in layer.adapter_names() else None)
+        self.active_adapter = name
+        for pname, p in self.model.named_parameters():
+            p.requires_grad_(name is not None and _belongs_to(pname, name))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (a merged adapter is unmerged first)."""
+        if any(layer.merged for _, layer in self._layers()):
+            raise AdapterError("an adapter is merged into the weights; unmerge it before disabling adapters")
+        previous = self.active_adapter
+        for _, layer in self._layers():
+            layer.set_active(None)
+        try:
+            yield
+        finally:
+            for _, layer in self._layers():
+                layer.set_active(previous if previous in layer.adapter_names() else None)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapter_configs:
+            raise AdapterError(f"no adapter named {name!r}")
+        for _, layer in self._layers():
+            layer.remove_adapter(name)
+        for path, layer in list(self._layers()):
+            if not layer.adapter_names():
+                inject.replace_module(self.model, path, layer.base_layer)  # type: ignore[attr-defined]
+        del self.adapter_configs[name]
+        del self.adapter_targets[name]
+        if self.active_adapter == name:
+            self.set_adapter(None)
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge_adapter(self, name: str | None = None) -> None:
+        """Fold the adapter into the base weights (forward then costs nothing extra)."""
+        name = name or self.active_adapter
+        if name is None:
+            raise AdapterError("no adapter to merge")
+        for _, layer in self._layers():
+            if name in layer.adapter_names() and layer.can_merge:
+                layer.merge(name)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights exactly (a copy is kept from the first merge)."""
+        for _, layer in self._layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, name: str | None = None) -> nn.Module:
+        """Merge the adapter and return the plain base model (with trained modules_to_save in place)."""
+        name = name or self.active_adapter
+        self.merge_adapter(name)
+        for path, layer in list(self._layers()):
+            if isinstance(layer, ModulesToSave) and name in layer.adapter_names():
+                inject.replace_module(self.model, path, layer.modules_to_save[name])
+            elif not layer.can_merge and name in layer.adapter_names():
+                raise AdapterError(f"{type(layer).__name__} cannot be merged into the base")
+            else:
+                layer._weight_before_merge = None
+                inject.replace_module(self.model, path, layer.base_layer)  # type: ignore[attr-defined]
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    # -- parameters and state -----------------------------------------------------------------
+    def trainable_counts(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def trainable_report(self) -> str:
+        """`trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364` (PEFT's form)."""
+        return format_trainable(*self.trainable_counts())
+
+    def adapter_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """Only the adapter's tensors, with PEFT's key names (`base_model.model.<path>.lora_A.weight`)."""
+        name = name or self.active_adapter
+        if name is None:
+            raise AdapterError("no adapter to save")
+        out = {}
+        for key, tensor in self.model.state_dict().items():
+            if _belongs_to(key, name):
+                out[PEFT_PREFIX + _strip_adapter_name(key, name)] = tensor.detach()
+        return out
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Copy PEFT-format tensors into adapter `name`; every key and shape must match."""
+        expected = {PEFT_PREFIX + _strip_adapter_name(k, name): k for k in self.model.state_dict() if _belongs_to(k, name)}
+        own = self.model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(
+                f"{source}: tensors do not fit this base model "
+                f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}). "
+                "Was it trained on another base model or with other target_modules?"
+            )
+        with torch.no_grad():
+            for saved_key, own_key in expected.items():
+                tensor, target = state[saved_key], own[own_key]
+                if tensor.shape != target.shape:
+                    raise AdapterError(
+                        f"{source}: {saved_key} has shape {tuple(tensor.shape)}, the base needs {tuple(target.shape)}"
+                    )
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise AdapterError(f"{source}: {saved_key} holds NaN or Inf values; the file is corrupt")
+                target.copy_(tensor.to(target.dtype))
+
+    # -- files --------------------------------------------------------------------------------
+    def save_adapter(self, path: str | Path, name: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
+        """Write `adapter_config.json`, `adapter_model.safetensors` and `peftkit.json` atomically."""
+        name = name or self.active_adapter
+        if name is None:
+            raise AdapterError("no adapter to save")
+        config = self.adapter_configs[name]
+        method = method_for_config(config)
+        peft_config = {
+            "peft_type": method.peft_type,
+            "task_type": "SEQ_2_SEQ_LM" if getattr(self.model.config, "is_encoder_decoder", False) else "CAUSAL_LM",
+            "base_model_name_or_path": getattr(self.model.config, "_name_or_path", None) or None,
+            "revision": None,
+            "inference_mode": True,
+            **method.to_peft_config(config),
+        }
+        if peft_config["target_modules"] is None:
+            peft_config["target_modules"] = sorted({p.rsplit(".", 1)[-1] for p in self.adapter_targets[name]})
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
+        sidecar = {"format_version": FORMAT_VERSION, "method": method.name, **(metadata or {})}
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+            (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2, sort_keys=True, default=str) + "\n")
+        return path
+
+    def load_adapter(self, path: str | Path, name: str = "default") -> dict[str, Any]:
+        """Attach the adapter saved in `path` under `name`; returns its peftkit.json (or {})."""
+        config, _ = read_adapter_config(path)
+        state = read_adapter_weights(path)
+        self.add_adapter(name, config)
+        try:
+            self.load_adapter_state_dict(name, state, source=str(path))
+        except AdapterError:
+            self.delete_adapter(name)
+            raise
+        return read_sidecar(path)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        base: str | None = None,
+        name: str = "default",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> tuple["AdaptedModel", Any]:
+        """Load the adapter at `path` onto its recorded base (or `base`); returns (model, tokenizer)."""
+        from .models import load_model
+
+        _, raw = read_adapter_config(path)
+        base = base or raw.get("base_model_name_or_path")
+        if not base:
+            raise AdapterError(f"{path}: adapter_config.json records no base_model_name_or_path; pass the base model")
+        model, tokenizer = load_model(base, dtype=dtype, device=device)
+        adapted = cls(model)
+        adapted.load_adapter(path, name=name)
+        adapted.to(device)
+        return adapted, tokenizer
+
+
+def _belongs_to(key: str, name: str) -> bool:
+    """Is state/parameter `key` part of adapter `name`? (`...lora_A.<name>.weight`)"""
+    return f".{name}." in key and any(f".{attr}.{name}." in key for attr in _adapter_attrs())
+
+
+def _adapter_attrs() -> set[str]:
+    """Names of the per-adapter containers of every adapter layer class (lora_A, modules_to_save...)."""
+    seen, stack = set(), [AdapterLayerMixin]
+    while stack:
+        cls = stack.pop()
+        seen.update(cls.adapter_attrs)
+        stack.extend(cls.__subclasses__())
+    return seen
+
+
+def _strip_adapter_name(key: str, name: str) -> str:
+    """`x.lora_A.default.weight` -> `x.lora_A.weight`; `head.modules_to_save.default.weight` -> `head.weight`."""
+    key = key.replace(f".modules_to_save.{name}.", ".")
+    for attr in _adapter_attrs():
+        key = key.replace(f".{attr}.{name}.", f".{attr}.")
+    return key
+
+
+def read_adapter_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(peftkit method config, raw adapter_config.json) for the adapter folder at `path`."""
+    path = Path(path)
+    file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter folder")
+    if not file.is_file():
+        raise AdapterError(f"{path}: not an adapter folder (no {CONFIG_NAME})")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{file}: expected a JSON object")
+    peft_type = raw.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise AdapterError(f"{file}: peft_type {peft_type!r} is not supported; supported: {', '.join(PEFT_TYPES)}")
+    try:
+        config = PEFT_TYPES[peft_type].from_peft_config(raw)
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{file}: invalid values ({exc})") from None
+    return config, raw
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from adapter_model.safetensors, or an old adapter_model.bin through weights_only loading."""
+    path = Path(path)
+    st, legacy = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    if st.is_file():
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{st}: unreadable or truncated safetensors file ({exc})") from None
+    if legacy.is_file():
+        try:
+            state = torch.load(str(legacy), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise AdapterError(
+                f"{legacy}: refused: the pickle holds more than plain tensors (it could run code when loaded) "
+                f"or is damaged ({str(exc).splitlines()[0]}). Convert it to safetensors in a trusted environment."
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterError(f"{legacy}: expected a mapping of tensor names to tensors")
+        return state
+    raise AdapterError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter folder")
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / SIDECAR_NAME
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{file}: not valid JSON ({exc})") from None
+
+
+def attach(model: nn.Module, config: Any, name: str = "default") -> AdaptedModel:
+    """Freeze `model` and attach a new adapter in one call (returns the wrapping AdaptedModel)."""
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    adapted.add_adapter(name, config)
+    return adapted
+
+
+__all__ = [
+    "AdaptedModel",
+    "attach",
+    "format_trainable",
+    "read_adapter_config",
+    "read_adapter_weights",
+    "read_sidecar",
+]

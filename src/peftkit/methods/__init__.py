@@ -1,0 +1,44 @@
+"""Method registry: a new method is a new file plus one line in `METHODS`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from . import lora
+from .base import AdapterLayer, AdapterLayerMixin, Method
+
+
+def _attach_lora(model: nn.Module, name: str, config: lora.LoraConfig) -> list[str]:
+    from ..inject import match_modules, match_targets, wrap_module
+
+    paths = match_targets(model, config.target_modules)
+    for path in paths:
+        wrap_module(model, path, lora.LoraLinear).add_adapter(name, config)
+    for path in match_modules(model, config.modules_to_save) if config.modules_to_save else []:
+        wrap_module(model, path, lora.ModulesToSave).add_adapter(name)
+    return paths
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method("lora", lora.LoraConfig, _attach_lora, lora.to_peft_config, lora.from_peft_config, "LORA"),
+}
+PEFT_TYPES = {m.peft_type: m for m in METHODS.values()}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"method {name!r} is not available; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_for_config(config: Any) -> Method:
+    for method in METHODS.values():
+        if isinstance(config, method.config_cls):
+            return method
+    raise ConfigError(f"no method takes a config of type {type(config).__name__}")
+
+
+__all__ = ["METHODS", "PEFT_TYPES", "AdapterLayer", "AdapterLayerMixin", "Method", "get_method", "method_for_config"]

@@ -1,0 +1,122 @@
+"""The contract every method honours, and the bookkeeping its layers share.
+
+A method is a file with (1) a config dataclass, (2) layers that satisfy `AdapterLayer`, and (3) a
+`Method` entry in `methods/__init__.py`. inject.py places the layers; the layers never place
+themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """A module that wraps `base_layer` and holds one or more named adapters beside it.
+
+    Parameters of adapter `name` live in `nn.ModuleDict`s keyed by `name` (PEFT's layout), so the
+    PEFT file key is the parameter's path with `.name` removed.
+    """
+
+    base_layer: nn.Module
+    adapter_attrs: tuple[str, ...]
+
+    def adapter_names(self) -> list[str]: ...
+
+    def set_active(self, name: str | None) -> None:
+        """Route forward through adapter `name`, or through the base alone when None."""
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the base weight (methods that cannot merge raise)."""
+
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before the first merge."""
+
+
+class AdapterLayerMixin:
+    """Shared state handling for adapter layers: active adapter, merges, exact unmerge."""
+
+    adapter_attrs: tuple[str, ...] = ()
+    can_merge: bool = False
+
+    def _init_adapter_state(self) -> None:
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self._weight_before_merge: torch.Tensor | None = None
+
+    def adapter_names(self) -> list[str]:
+        first = getattr(self, self.adapter_attrs[0])
+        return list(first.keys())
+
+    def set_active(self, name: str | None) -> None:
+        if name is not None and name not in self.adapter_names():
+            raise KeyError(name)
+        self.active_adapter = name
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for attr in self.adapter_attrs:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (models read e.g. `self.wo.weight.dtype`)."""
+        return self.base_layer.weight  # type: ignore[attr-defined]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)  # type: ignore[attr-defined]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if not self.can_merge:
+            raise NotImplementedError(f"{type(self).__name__} cannot merge")
+        if name in self.merged_adapters:
+            return
+        weight = self.base_layer.weight  # type: ignore[attr-defined]
+        if self._weight_before_merge is None:
+            self._weight_before_merge = weight.data.clone()
+        delta = self.delta_weight(name)
+        weight.data = (weight.data.float() + delta.float()).to(weight.dtype)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._weight_before_merge is None:
+            return
+        self.base_layer.weight.data = self._weight_before_merge  # type: ignore[attr-defined]
+        self._weight_before_merge = None
+        self.merged_adapters = []
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry line: how the rest of peftkit talks to a method."""
+
+    name: str
+    config_cls: type
+    attach: Callable[[nn.Module, str, Any], list[str]]
+    """attach(model, adapter_name, config) -> the module paths it adapted (via inject.py)."""
+    to_peft_config: Callable[[Any], dict[str, Any]]
+    """The method's keys for adapter_config.json (PEFT's own keys where PEFT has the method)."""
+    from_peft_config: Callable[[dict[str, Any]], Any]
+    """Inverse of `to_peft_config`."""
+    peft_type: str

@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny BPE tokenizer trained here, tiny Llama / GPT-2 / T5 models from configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "We propose a new method for summarization of scientific papers and show it works well.",
+    "The results show that our model outperforms strong baselines on three benchmarks by a large margin.",
+    "This paper studies the problem of low-resource machine translation with limited parallel data.",
+    "Experiments demonstrate consistent gains in accuracy, recall and F1 over previous approaches.",
+    "Summarize the outcome of the following paper abstract in one sentence. Outcome: Answer:",
+    "It is very cold outside. It is cold outside. What did this paper find? Read the abstract below.",
+] * 20
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast  # pad == eos, like SmolLM2: padding must be masked by length, never by id
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def tiny_config(kind: str, vocab: int):
+    from transformers import GPT2Config, LlamaConfig, T5Config
+
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=2, pad_token_id=2,
+            bos_token_id=None,
+        )
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, eos_token_id=2, bos_token_id=2, pad_token_id=2)
+    if kind == "t5":
+        return T5Config(
+            vocab_size=vocab, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, pad_token_id=0,
+            eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0,
+        )
+    raise ValueError(kind)
+
+
+def build_model(kind: str, vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind, vocab)
+    cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+    model = cls.from_config(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Tiny checkpoints saved as local folders, so `model: <folder>` works as for a user."""
+    out = {}
+    for kind in ("llama", "gpt2", "t5"):
+        folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+        build_model(kind, len(tokenizer)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[kind] = folder
+    return out
+
+
+@pytest.fixture
+def rows() -> list[dict[str, str]]:
+    return [
+        {"abstract": f"This paper studies problem {i}. We propose a method. Results show gains.", "summary": f"The method gives gains on problem {i}."}
+        for i in range(24)
+    ]
+
+
+@pytest.fixture
+def data_file(tmp_path, rows) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_run_config(model_dir: Path, data_file: Path, out: Path, **train):
+    """A RunConfig dict for a fast run on a tiny model and a tiny jsonl file."""
+    return {
+        "model": str(model_dir),
+        "data": {"dataset": None, "train": str(data_file), "template": "Summarize:\n\n{abstract}", "response": "summary",
+                 "max_length": 128, "val_ratio": 0.125, "test_ratio": 0.125},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 5e-3, "seed": 0, "save_every": 0, "warmup_ratio": 0.0, **train},
+        "generate": {"max_new_tokens": 8, "num_samples": 2},
+        "output_dir": str(out),
+    }

@@ -1,0 +1,141 @@
+"""The adapter contract, run over every method x model kind (causal Llama, GPT-2 Conv1D, T5 seq2seq).
+
+A new method joins by adding one line to METHOD_CASES.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_model
+from peftkit import AdaptedModel, LoraConfig, attach
+from peftkit.adapters import WEIGHTS_NAME
+
+# name -> (config factory, has identity init, can merge)
+METHOD_CASES = {
+    "lora": (lambda: LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), True, True),
+    "lora_qv_default": (lambda: LoraConfig(r=2, alpha=4, dropout=0.0), True, True),
+    "rslora": (lambda: LoraConfig(r=8, alpha=8, dropout=0.0, use_rslora=True, init="gaussian"), True, True),
+}
+KINDS = ["llama", "gpt2", "t5"]
+VOCAB = 400
+
+
+def inputs(kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "t5":
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 7), generator=g)
+    return out
+
+
+def logits(model, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(kind)).logits
+
+
+def randomize_adapter(adapted: AdaptedModel, seed: int = 3) -> None:
+    """Make B non-zero so the adapter changes the output (a fresh one is the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+cases = pytest.mark.parametrize("method", list(METHOD_CASES))
+kinds = pytest.mark.parametrize("kind", KINDS)
+
+
+@cases
+@kinds
+def test_fresh_adapter_is_identity(method, kind):
+    factory, identity, _ = METHOD_CASES[method]
+    model = build_model(kind, VOCAB)
+    base = logits(model, kind)
+    adapted = attach(model, factory())
+    if identity:
+        torch.testing.assert_close(logits(adapted, kind), base, rtol=0, atol=0)
+
+
+@cases
+@kinds
+def test_save_load_same_logits_and_only_adapter_tensors(method, kind, tmp_path):
+    factory, _, _ = METHOD_CASES[method]
+    adapted = attach(build_model(kind, VOCAB), factory())
+    randomize_adapter(adapted)
+    expected = logits(adapted, kind)
+    adapted.save_adapter(tmp_path / "a")
+    saved = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in saved.values()) == trainable
+    assert all(".lora_" in k for k in saved), "only adapter tensors are saved"
+    fresh = AdaptedModel(build_model(kind, VOCAB))
+    fresh.load_adapter(tmp_path / "a")
+    torch.testing.assert_close(logits(fresh, kind), expected, rtol=0, atol=0)
+
+
+@cases
+@kinds
+def test_merge_matches_unmerged_and_unmerge_is_exact(method, kind):
+    factory, _, can_merge = METHOD_CASES[method]
+    if not can_merge:
+        return
+    model = build_model(kind, VOCAB)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = attach(model, factory())
+    randomize_adapter(adapted)
+    unmerged = logits(adapted, kind)
+    adapted.merge_adapter()
+    torch.testing.assert_close(logits(adapted, kind), unmerged, rtol=1e-5, atol=1e-5)
+    adapted.unmerge_adapter()
+    torch.testing.assert_close(logits(adapted, kind), unmerged, rtol=0, atol=0)
+    base_now = {k.replace(".base_layer", ""): v for k, v in adapted.model.state_dict().items() if ".lora_" not in k}
+    for key, value in before.items():
+        assert torch.equal(base_now[key], value), f"unmerge changed {key}"
+
+
+@cases
+@kinds
+def test_merge_and_unload_gives_plain_model(method, kind):
+    factory, _, can_merge = METHOD_CASES[method]
+    if not can_merge:
+        return
+    adapted = attach(build_model(kind, VOCAB), factory())
+    randomize_adapter(adapted)
+    expected = logits(adapted, kind)
+    plain = adapted.merge_and_unload()
+    assert not any("lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(logits(plain, kind), expected, rtol=1e-5, atol=1e-5)
+
+
+@cases
+@kinds
+def test_disable_is_base(method, kind):
+    factory, _, _ = METHOD_CASES[method]
+    model = build_model(kind, VOCAB)
+    base = logits(model, kind)
+    adapted = attach(model, factory())
+    randomize_adapter(adapted)
+    assert not torch.allclose(logits(adapted, kind), base)
+    with adapted.disable_adapter():
+        torch.testing.assert_close(logits(adapted, kind), base, rtol=0, atol=0)
+    assert not torch.allclose(logits(adapted, kind), base), "the adapter is active again after the block"
+
+
+@cases
+@kinds
+def test_only_adapter_parameters_get_gradients(method, kind):
+    factory, _, _ = METHOD_CASES[method]
+    adapted = attach(build_model(kind, VOCAB), factory())
+    randomize_adapter(adapted)
+    adapted.train()
+    adapted(**inputs(kind)).logits.float().pow(2).mean().backward()
+    for name, p in adapted.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
