@@ -210,12 +210,14 @@ class AdaptedModel(nn.Module):
         method = method_for_config(config)
         peft_config = {
             "peft_type": method.peft_type,
-            "task_type": "SEQ_2_SEQ_LM" if getattr(self.model.config, "is_encoder_decoder", False) else "CAUSAL_LM",
+            "task_type": peft_task_type(self.model),
             "base_model_name_or_path": getattr(self.model.config, "_name_or_path", None) or None,
             "revision": None,
             "inference_mode": True,
             **method.to_peft_config(config),
         }
+        if "fan_in_fan_out" in peft_config:  # GPT-2's Conv1D stores weights (in, out)
+            peft_config["fan_in_fan_out"] = any(getattr(layer, "fan_in_fan_out", False) for _, layer in self._layers())
         if peft_config["target_modules"] is None:
             peft_config["target_modules"] = sorted({p.rsplit(".", 1)[-1] for p in self.adapter_targets[name]})
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
@@ -260,6 +262,18 @@ class AdaptedModel(nn.Module):
         adapted.load_adapter(path, name=name)
         adapted.to(device)
         return adapted, tokenizer
+
+
+def peft_task_type(model: nn.Module) -> str:
+    """PEFT's task_type for a transformers model class (decides which PeftModel class loads it)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "Generation" in name or name.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM"
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
 
 
 def _belongs_to(key: str, name: str) -> bool:

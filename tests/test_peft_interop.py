@@ -1,0 +1,140 @@
+"""HF PEFT loads what peftkit saves and peftkit loads what PEFT saves: same logits within 1e-5 (fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import build_model
+from peftkit import AdaptedModel, AdapterError, LoraConfig, attach, format_trainable
+from peftkit.adapters import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+
+peft = pytest.importorskip("peft")
+VOCAB = 400
+KINDS = ["llama", "gpt2", "t5"]
+
+
+def inputs(kind):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=g)
+    out = {"input_ids": ids}
+    if kind == "t5":
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 6), generator=g)
+    return out
+
+
+def out(model, kind):
+    with torch.no_grad():
+        return model(**inputs(kind)).logits
+
+
+def randomize(model, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_peftkit_adapter(kind, rslora, tmp_path):
+    ours = attach(build_model(kind, VOCAB), LoraConfig(r=4, alpha=16, dropout=0.0, target_modules="all-linear", use_rslora=rslora))
+    randomize(ours)
+    expected = out(ours, kind)
+    ours.save_adapter(tmp_path / "a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(build_model(kind, VOCAB), str(tmp_path / "a"))
+    about_keys = [str(w.message) for w in caught if "key" in str(w.message).lower()]
+    assert not about_keys, f"PEFT warned about the adapter's keys: {about_keys}"
+    torch.testing.assert_close(out(loaded, kind), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peftkit_loads_peft_adapter(kind, tmp_path):
+    targets = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "t5": ["q", "v", "wo"]}[kind]
+    theirs = peft.get_peft_model(build_model(kind, VOCAB), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs)
+    expected = out(theirs, kind)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = AdaptedModel(build_model(kind, VOCAB))
+    ours.load_adapter(tmp_path / "p")
+    torch.testing.assert_close(out(ours, kind), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_round_trips_with_peft(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def build():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=3)
+        return LlamaForSequenceClassification(cfg).eval()
+
+    ours = attach(build(), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], modules_to_save=["score"]))
+    randomize(ours)
+    with torch.no_grad():
+        ours.model.score.modules_to_save["default"].weight.add_(1.0)
+    ids = inputs("llama")["input_ids"]
+    expected = ours(input_ids=ids).logits
+    ours.save_adapter(tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(build(), str(tmp_path / "a"))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    back = AdaptedModel(build())
+    back.load_adapter(tmp_path / "a")
+    torch.testing.assert_close(back(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_config_has_only_peft_keys(tmp_path):
+    ours = attach(build_model("llama", VOCAB), LoraConfig(r=4))
+    ours.save_adapter(tmp_path / "a")
+    keys = set(json.loads((tmp_path / "a" / CONFIG_NAME).read_text()))
+    peft_keys = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert keys <= peft_keys, f"keys PEFT does not know: {keys - peft_keys}"
+
+
+def test_trainable_report_matches_peft_exactly(capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    theirs = peft.get_peft_model(GPT2LMHeadModel(GPT2Config()), peft.LoraConfig(r=8, target_modules=["c_attn"], fan_in_fan_out=True))
+    theirs.print_trainable_parameters()
+    printed = capsys.readouterr().out.strip()
+    ours = attach(GPT2LMHeadModel(GPT2Config()), LoraConfig(r=8, target_modules=["c_attn"]))
+    assert ours.trainable_report() == printed
+    assert printed == "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
+    assert format_trainable(4608, 32768 + 4608).startswith("trainable params: 4,608 ||")
+
+
+def test_legacy_bin_adapter_loads_through_weights_only(tmp_path):
+    theirs = peft.get_peft_model(build_model("llama", VOCAB), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize(theirs)
+    expected = out(theirs, "llama")
+    theirs.save_pretrained(str(tmp_path / "p"), safe_serialization=False)
+    assert (tmp_path / "p" / LEGACY_WEIGHTS_NAME).is_file()
+    ours = AdaptedModel(build_model("llama", VOCAB))
+    ours.load_adapter(tmp_path / "p")
+    torch.testing.assert_close(out(ours, "llama"), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this would have run code",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    ours = attach(build_model("llama", VOCAB), LoraConfig(r=4))
+    ours.save_adapter(tmp_path / "a")
+    (tmp_path / "a" / WEIGHTS_NAME).unlink()
+    buf = io.BytesIO()
+    torch.save({"x": _Exploit()}, buf)
+    (tmp_path / "a" / LEGACY_WEIGHTS_NAME).write_bytes(buf.getvalue())
+    with pytest.raises(AdapterError, match="refused"):
+        AdaptedModel(build_model("llama", VOCAB)).load_adapter(tmp_path / "a")
+
