@@ -10,15 +10,36 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_model
-from peftkit import AdaptedModel, LoraConfig, attach
-from peftkit.adapters import WEIGHTS_NAME
+from peftkit import AdaptedModel, AdapterError, ConfigError, LoraConfig, attach
+from peftkit.adapters import PEFT_PREFIX, WEIGHTS_NAME
+from peftkit.config import AdaptionPromptConfig, BottleneckConfig, PrefixTuningConfig, PromptTuningConfig, QuantConfig, SelectiveConfig
+from peftkit.methods.quant import quantize_base
 
 # name -> (config factory, has identity init, can merge)
 METHOD_CASES = {
     "lora": (lambda: LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), True, True),
     "lora_qv_default": (lambda: LoraConfig(r=2, alpha=4, dropout=0.0), True, True),
     "rslora": (lambda: LoraConfig(r=8, alpha=8, dropout=0.0, use_rslora=True, init="gaussian"), True, True),
+    # soft prompts: no identity init (the virtual tokens change every output) and nothing to merge
+    "prompt_tuning": (lambda: PromptTuningConfig(num_virtual_tokens=3, init="random"), False, False),
+    "prefix_tuning": (lambda: PrefixTuningConfig(num_virtual_tokens=3, init="random"), False, False),
+    "adaption_prompt": (lambda: AdaptionPromptConfig(adapter_len=3, adapter_layers=1), True, False),  # zero gate
+    "bottleneck_houlsby": (lambda: BottleneckConfig(placement="houlsby", reduction_factor=8), True, False),
+    "bottleneck_pfeiffer": (lambda: BottleneckConfig(placement="pfeiffer", reduction_factor=4, activation="gelu"), True, False),
+    "dora": (lambda: LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_dora=True), True, True),
+    "dora_rslora": (lambda: LoraConfig(r=8, alpha=8, dropout=0.0, use_rslora=True, use_dora=True, init="gaussian"), True, True),
+    # QLoRA: LoRA on a base quantized by QUANTIZED_BASES below; "base" means the quantized base throughout, and
+    # merging into it refuses (it would re-quantize; tests/test_quant.py checks the dequantize-then-merge path)
+    "qlora": (lambda: LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), True, False),
+    "qlora_int8_dora": (lambda: LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True), True, False),
+    # selective tuning trains copies of base tensors: the fresh copies equal the base, and merging copies them in
+    "selective_top_attention": (lambda: SelectiveConfig(top_layers=1, components=["attention", "norms"]), True, True),
+    "selective_tied_embeddings": (lambda: SelectiveConfig(components=["embeddings", "head"]), True, True),
+    "bitfit": (lambda: SelectiveConfig(top_layers=0, biases_only=True), True, True),
 }
+QUANTIZED_BASES = {"qlora": QuantConfig(bits=4, quant_type="nf4", double_quant=True), "qlora_int8_dora": QuantConfig(bits=8)}
+# (method, kind) pairs the method refuses with a ConfigError (tested below instead of the contract)
+UNSUPPORTED = {("prefix_tuning", "t5"), ("adaption_prompt", "t5"), ("bitfit", "llama"), ("bitfit", "t5")}  # no biases
 KINDS = ["llama", "gpt2", "t5"]
 VOCAB = 400
 
@@ -30,6 +51,14 @@ def inputs(kind: str) -> dict[str, torch.Tensor]:
     if kind == "t5":
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 7), generator=g)
     return out
+
+
+def base_model(method: str, kind: str):
+    """The tiny base the case starts from (quantized for QLoRA cases)."""
+    model = build_model(kind, VOCAB)
+    if method in QUANTIZED_BASES:
+        quantize_base(model, QUANTIZED_BASES[method])
+    return model
 
 
 def logits(model, kind: str) -> torch.Tensor:
@@ -50,11 +79,24 @@ cases = pytest.mark.parametrize("method", list(METHOD_CASES))
 kinds = pytest.mark.parametrize("kind", KINDS)
 
 
+@pytest.fixture(autouse=True)
+def _skip_unsupported(request):
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if (params.get("method"), params.get("kind")) in UNSUPPORTED:
+        pytest.skip("the method refuses this architecture (see test_unsupported_architecture_is_a_config_error)")
+
+
+@pytest.mark.parametrize(("method", "kind"), sorted(UNSUPPORTED))
+def test_unsupported_architecture_is_a_config_error(method, kind):
+    with pytest.raises(ConfigError, match="use "):  # the message names methods that do fit
+        attach(build_model(kind, VOCAB), METHOD_CASES[method][0]())
+
+
 @cases
 @kinds
 def test_fresh_adapter_is_identity(method, kind):
     factory, identity, _ = METHOD_CASES[method]
-    model = build_model(kind, VOCAB)
+    model = base_model(method, kind)
     base = logits(model, kind)
     adapted = attach(model, factory())
     if identity:
@@ -65,15 +107,19 @@ def test_fresh_adapter_is_identity(method, kind):
 @kinds
 def test_save_load_same_logits_and_only_adapter_tensors(method, kind, tmp_path):
     factory, _, _ = METHOD_CASES[method]
-    adapted = attach(build_model(kind, VOCAB), factory())
+    adapted = attach(base_model(method, kind), factory())
     randomize_adapter(adapted)
     expected = logits(adapted, kind)
     adapted.save_adapter(tmp_path / "a")
     saved = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     assert sum(t.numel() for t in saved.values()) == trainable
-    assert all(".lora_" in k for k in saved), "only adapter tensors are saved"
-    fresh = AdaptedModel(build_model(kind, VOCAB))
+    base_keys = {PEFT_PREFIX + k for k in base_model(method, kind).state_dict()}
+    if isinstance(factory(), SelectiveConfig):  # its file holds the selected base tensors, under their real names
+        assert set(saved) <= base_keys
+    else:
+        assert not set(saved) & base_keys, "only adapter tensors are saved"
+    fresh = AdaptedModel(base_model(method, kind))
     fresh.load_adapter(tmp_path / "a")
     torch.testing.assert_close(logits(fresh, kind), expected, rtol=0, atol=0)
 
@@ -82,9 +128,12 @@ def test_save_load_same_logits_and_only_adapter_tensors(method, kind, tmp_path):
 @kinds
 def test_merge_matches_unmerged_and_unmerge_is_exact(method, kind):
     factory, _, can_merge = METHOD_CASES[method]
-    if not can_merge:
+    if not can_merge:  # non-linear or input-side methods refuse to merge, with the reason
+        adapted = attach(base_model(method, kind), factory())
+        with pytest.raises(AdapterError, match="cannot be merged"):
+            adapted.merge_adapter()
         return
-    model = build_model(kind, VOCAB)
+    model = base_model(method, kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapted = attach(model, factory())
     randomize_adapter(adapted)
@@ -103,8 +152,10 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(method, kind):
 def test_merge_and_unload_gives_plain_model(method, kind):
     factory, _, can_merge = METHOD_CASES[method]
     if not can_merge:
+        with pytest.raises(AdapterError, match="cannot be merged"):
+            attach(base_model(method, kind), factory()).merge_and_unload()
         return
-    adapted = attach(build_model(kind, VOCAB), factory())
+    adapted = attach(base_model(method, kind), factory())
     randomize_adapter(adapted)
     expected = logits(adapted, kind)
     plain = adapted.merge_and_unload()
@@ -116,7 +167,7 @@ def test_merge_and_unload_gives_plain_model(method, kind):
 @kinds
 def test_disable_is_base(method, kind):
     factory, _, _ = METHOD_CASES[method]
-    model = build_model(kind, VOCAB)
+    model = base_model(method, kind)
     base = logits(model, kind)
     adapted = attach(model, factory())
     randomize_adapter(adapted)
@@ -130,7 +181,7 @@ def test_disable_is_base(method, kind):
 @kinds
 def test_only_adapter_parameters_get_gradients(method, kind):
     factory, _, _ = METHOD_CASES[method]
-    adapted = attach(build_model(kind, VOCAB), factory())
+    adapted = attach(base_model(method, kind), factory())
     randomize_adapter(adapted)
     adapted.train()
     adapted(**inputs(kind)).logits.float().pow(2).mean().backward()

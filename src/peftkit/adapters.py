@@ -26,6 +26,7 @@ from . import inject
 from .errors import AdapterError
 from .io import atomic_dir
 from .methods import PEFT_TYPES, AdapterLayerMixin, method_for_config
+from .methods.base import InputAdapterLayer
 from .methods.lora import ModulesToSave
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.adapter_configs: dict[str, Any] = {}
         self.adapter_targets: dict[str, list[str]] = {}
+        self.input_layer_paths: dict[str, str] = {}  # adapters that change the inputs (soft prompts) -> their layer
         self.active_adapter: str | None = None
         for p in model.parameters():
             p.requires_grad_(False)
@@ -63,10 +65,37 @@ class AdaptedModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        layer = self._input_adapter()
+        if layer is None:
+            return self.model(*args, **kwargs)
+        inputs, virtual = layer.adapt_inputs(self.model, _keyword_inputs(args, kwargs), generating=False)
+        out = self.model(**inputs)
+        if virtual and getattr(out, "logits", None) is not None:
+            out.logits = out.logits[:, virtual:]  # logits stay aligned with input_ids (PEFT keeps the virtual rows)
+        return out
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+        layer = self._input_adapter()
+        if layer is None:
+            return self.model.generate(*args, **kwargs)
+        inputs, _ = layer.adapt_inputs(self.model, _keyword_inputs(args, kwargs), generating=True)
+        return self.model.generate(**inputs)
+
+    def adapt_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """`inputs` as the active adapter feeds them to the base (soft prompt or prefix added), and how many
+        positions it prepended; unchanged (and 0) for adapters that act inside the model.
+
+        Example:
+            >>> inputs, virtual = adapted.adapt_inputs({"input_ids": ids, "attention_mask": mask})
+            >>> hidden = adapted.model.model(**inputs).last_hidden_state[:, virtual:]
+        """
+        layer = self._input_adapter()
+        return (inputs, 0) if layer is None else layer.adapt_inputs(self.model, dict(inputs), generating=False)
+
+    def _input_adapter(self) -> InputAdapterLayer | None:
+        path = self.input_layer_paths.get(self.active_adapter) if self.active_adapter else None
+        layer = self.model.get_submodule(path) if path else None
+        return layer if layer is not None and layer.active_adapter is not None else None  # None inside disable_adapter
 
     # -- adapters -----------------------------------------------------------------------------
     def _layers(self) -> Iterator[tuple[str, AdapterLayerMixin]]:
@@ -84,6 +113,9 @@ class AdaptedModel(nn.Module):
         paths = method.attach(self.model, name, config)
         self.adapter_configs[name] = config
         self.adapter_targets[name] = paths
+        for path in paths:
+            if isinstance(self.model.get_submodule(path), InputAdapterLayer):
+                self.input_layer_paths[name] = path
         self.set_adapter(name)
         return paths
 
@@ -121,6 +153,7 @@ class AdaptedModel(nn.Module):
                 inject.replace_module(self.model, path, layer.base_layer)  # type: ignore[attr-defined]
         del self.adapter_configs[name]
         del self.adapter_targets[name]
+        self.input_layer_paths.pop(name, None)
         if self.active_adapter == name:
             self.set_adapter(None)
 
@@ -130,6 +163,10 @@ class AdaptedModel(nn.Module):
         name = name or self.active_adapter
         if name is None:
             raise AdapterError("no adapter to merge")
+        for _, layer in self._layers():
+            if name in layer.adapter_names() and not layer.can_merge and not isinstance(layer, ModulesToSave):
+                why = getattr(layer, "merge_refusal", f"{type(layer).__name__} is not a linear update")
+                raise AdapterError(f"adapter {name!r} cannot be merged into the base weights: {why}")
         for _, layer in self._layers():
             if name in layer.adapter_names() and layer.can_merge:
                 layer.merge(name)
@@ -158,8 +195,8 @@ class AdaptedModel(nn.Module):
 
     # -- parameters and state -----------------------------------------------------------------
     def trainable_counts(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(_param_count(p) for p in self.model.parameters() if p.requires_grad)
+        total = sum(_param_count(p) for p in self.model.parameters())
         return trainable, total
 
     def trainable_report(self) -> str:
@@ -174,13 +211,18 @@ class AdaptedModel(nn.Module):
         out = {}
         for key, tensor in self.model.state_dict().items():
             if _belongs_to(key, name):
-                out[PEFT_PREFIX + _strip_adapter_name(key, name)] = tensor.detach()
-        return out
+                tensor = tensor.detach()  # an FSDP-sharded DTensor is gathered (every rank must call this)
+                out[PEFT_PREFIX + _strip_adapter_name(key, name)] = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        method = method_for_config(self.adapter_configs[name])
+        return method.to_file_state(out) if method.to_file_state else out
 
     def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy PEFT-format tensors into adapter `name`; every key and shape must match."""
         expected = {PEFT_PREFIX + _strip_adapter_name(k, name): k for k in self.model.state_dict() if _belongs_to(k, name)}
         own = self.model.state_dict()
+        method = method_for_config(self.adapter_configs[name])
+        if method.from_file_state:
+            state = method.from_file_state(state, list(expected), self.adapter_configs[name])
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -201,8 +243,15 @@ class AdaptedModel(nn.Module):
                 target.copy_(tensor.to(target.dtype))
 
     # -- files --------------------------------------------------------------------------------
-    def save_adapter(self, path: str | Path, name: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
-        """Write `adapter_config.json`, `adapter_model.safetensors` and `peftkit.json` atomically."""
+    def save_adapter(
+        self, path: str | Path, name: str | None = None, metadata: dict[str, Any] | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write `adapter_config.json`, `adapter_model.safetensors` and `peftkit.json` atomically.
+
+        `tensors`: `adapter_state_dict(name)` computed beforehand (under FSDP every rank gathers it,
+        and only rank 0 writes).
+        """
         name = name or self.active_adapter
         if name is None:
             raise AdapterError("no adapter to save")
@@ -215,12 +264,13 @@ class AdaptedModel(nn.Module):
             "revision": None,
             "inference_mode": True,
             **method.to_peft_config(config),
+            **(method.model_keys(self.model, config) if method.model_keys else {}),
         }
         if "fan_in_fan_out" in peft_config:  # GPT-2's Conv1D stores weights (in, out)
             peft_config["fan_in_fan_out"] = any(getattr(layer, "fan_in_fan_out", False) for _, layer in self._layers())
-        if peft_config["target_modules"] is None:
+        if "target_modules" in peft_config and peft_config["target_modules"] is None:
             peft_config["target_modules"] = sorted({p.rsplit(".", 1)[-1] for p in self.adapter_targets[name]})
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
+        tensors = {k: v.contiguous().cpu() for k, v in (tensors if tensors is not None else self.adapter_state_dict(name)).items()}
         sidecar = {"format_version": FORMAT_VERSION, "method": method.name, **(metadata or {})}
         path = Path(path)
         with atomic_dir(path) as tmp:
@@ -258,10 +308,30 @@ class AdaptedModel(nn.Module):
         if not base:
             raise AdapterError(f"{path}: adapter_config.json records no base_model_name_or_path; pass the base model")
         model, tokenizer = load_model(base, dtype=dtype, device=device)
+        tokenizer = _resize_for_added_tokens(model, tokenizer, Path(path))
         adapted = cls(model)
         adapted.load_adapter(path, name=name)
         adapted.to(device)
         return adapted, tokenizer
+
+
+def _resize_for_added_tokens(model: nn.Module, tokenizer: Any, path: Path) -> Any:
+    """An adapter trained with added tokens carries its tokenizer; grow the fresh base to match."""
+    if not (path / "tokenizer_config.json").is_file():
+        return tokenizer
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(path))
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return tokenizer
+
+
+def _param_count(param: torch.Tensor) -> int:
+    """Weights a tensor stands for: a bitsandbytes 4-bit tensor packs two per byte of storage (as PEFT counts)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 def peft_task_type(model: nn.Module) -> str:
@@ -277,8 +347,8 @@ def peft_task_type(model: nn.Module) -> str:
 
 
 def _belongs_to(key: str, name: str) -> bool:
-    """Is state/parameter `key` part of adapter `name`? (`...lora_A.<name>.weight`)"""
-    return f".{name}." in key and any(f".{attr}.{name}." in key for attr in _adapter_attrs())
+    """Is state/parameter `key` part of adapter `name`? (`...lora_A.<name>.weight`, or `...adaption_gate.<name>`)"""
+    return any(f".{attr}.{name}." in key or key.endswith(f".{attr}.{name}") for attr in _adapter_attrs())
 
 
 def _adapter_attrs() -> set[str]:
@@ -296,7 +366,16 @@ def _strip_adapter_name(key: str, name: str) -> str:
     key = key.replace(f".modules_to_save.{name}.", ".")
     for attr in _adapter_attrs():
         key = key.replace(f".{attr}.{name}.", f".{attr}.")
+        if key.endswith(f".{attr}.{name}"):  # a ParameterDict entry: `...adaption_gate.<name>` -> `...adaption_gate`
+            key = key[: -len(name) - 1]
     return key
+
+
+def _keyword_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """forward(ids, ...) and forward(input_ids=ids, ...) alike, for adapters that rewrite the inputs."""
+    if len(args) > 1:
+        raise AdapterError("pass the model's inputs by keyword (input_ids=..., attention_mask=...)")
+    return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
 
 def read_adapter_config(path: str | Path) -> tuple[Any, dict[str, Any]]:

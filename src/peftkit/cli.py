@@ -60,7 +60,11 @@ def train(
     from .train import run_training
 
     cfg = load_config(config, set_)
-    console.print(f"[bold]peftkit train[/]: {cfg.method} on [cyan]{cfg.model}[/], data [cyan]{cfg.data.dataset or cfg.data.train}[/] -> {cfg.output_dir}")
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    if not main_process:
+        run_training(cfg, resume=resume)
+        return
+    console.print(f"[bold]peftkit train[/]: {cfg.method} on [cyan]{cfg.model}[/], data [cyan]{cfg.data.dataset or cfg.data.train or 'mixture'}[/] -> {cfg.output_dir}")
     with _progress() as progress:
         result = run_training(cfg, resume=resume, progress=progress)
     _print_result(result)
@@ -74,8 +78,12 @@ def _print_result(result: Any) -> None:
         ("steps", str(result.steps)),
         ("wall time (load, train, save, sample)", f"{result.seconds:.1f} s"),
         ("training tokens/s", f"{result.tokens_per_s:.0f}"),
+        ("tokens trained (padding)", f"{result.train_tokens:,d} ({100 * result.padding_fraction:.1f}% of positions padded)"),
         ("loss first -> last step", f"{result.first_loss:.4f} -> {result.last_loss:.4f}"),
-        ("validation loss", "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"),
+        ("validation loss (last)", "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"),
+        (f"best validation {result.select_by}", "n/a" if result.best_score is None
+         else f"{result.best_score:.4f} at step {result.best_step}" + (" (stopped early)" if result.stopped_early else "")),
+        ("loss curve", str(result.loss_curve or "n/a")),
         ("peak RSS", "n/a" if result.peak_rss_gb is None else f"{result.peak_rss_gb:.2f} GB"),
     ]
     for key, value in rows:
@@ -131,14 +139,173 @@ def merge(
 
 
 @app.command()
-def inspect(adapter: Path = typer.Argument(..., help="Adapter folder.")) -> None:
+def inspect(
+    adapter: Path = typer.Argument(..., help="Adapter folder."),
+    nearest: int = typer.Option(5, min=0, help="Soft prompts: show each virtual token's N nearest vocabulary tokens (0: skip)."),
+) -> None:
     """Show an adapter's method, targets, rank, parameter count, size on disk and template."""
     from .inference import describe_adapter
 
+    info = describe_adapter(adapter)
     table = Table(title=str(adapter), show_header=False)
-    for key, value in describe_adapter(adapter).items():
+    for key, value in info.items():
         table.add_row(key, str(value))
     console.print(table)
+    if nearest and info["peft_type"] == "PROMPT_TUNING":
+        _print_nearest_tokens(adapter, nearest)
+
+
+def _print_nearest_tokens(adapter: Path, k: int) -> None:
+    """Loads the base model: a soft prompt is read against the base's input embedding matrix."""
+    from .adapters import AdaptedModel
+    from .methods.prompt_tuning import soft_prompt_neighbours
+
+    adapted, tokenizer = AdaptedModel.from_pretrained(adapter)
+    table = Table(title="nearest vocabulary tokens of each virtual token (cosine similarity)")
+    table.add_column("virtual token", justify="right")
+    table.add_column(f"top {k}", overflow="fold")
+    for index, row in enumerate(soft_prompt_neighbours(adapted, tokenizer, k=k)):
+        table.add_row(str(index), "   ".join(f"{token!r} {score:.2f}" for token, score in row))
+    console.print(table)
+
+
+def _print_report_table(table: tuple[list[str], list[list[str]]], title: str) -> None:
+    header, rows = table
+    shown = Table(title=title)
+    for column in header:
+        shown.add_column(column, overflow="fold")
+    for row in rows:
+        shown.add_row(*row)
+    console.print(shown)
+
+
+@app.command("eval")
+def eval_(
+    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter or full fine-tune folder, or NAME=FOLDER (repeatable)."),
+    base: bool = typer.Option(True, "--base/--no-base", help="Include the base model (adapters disabled)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapters' own)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in task to score (default: the run's own task)."),
+    split: str = typer.Option("test", help="Split of the scored task: test or validation."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score the first N examples of each task."),
+    held_out: list[str] = typer.Option([], "--held-out", help="Task for forgetting: aclsum/challenge, aclsum/approach, chatterbot."),
+    mc: Optional[Path] = typer.Option(None, "--mc", help="Multiple-choice file (MMLU layout), scored by log-likelihood."),
+    max_new_tokens: int = typer.Option(60, min=1, help="Most new tokens per answer (generation stops at EOS)."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts generated together."),
+    num_beams: int = typer.Option(1, min=1, help="Beam search with this many beams (1: greedy)."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, min=0.01, help="Sampling temperature (with --sample)."),
+    top_p: float = typer.Option(1.0, min=0.01, max=1.0, help="Nucleus sampling mass (with --sample)."),
+    seed: int = typer.Option(0, help="Seed for sampling and the bootstrap intervals."),
+    whole_output: bool = typer.Option(False, "--whole-output", help="Score whole outputs, not only their first line."),
+    stemmer: bool = typer.Option(True, "--stemmer/--no-stemmer", help="Porter stemming in ROUGE."),
+    out: Path = typer.Option(Path("reports/eval"), "--out", "-o", help="Folder for report.md, report.html, results.json."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Compare the base, adapters and full fine-tunes: ROUGE/BLEU, forgetting, multiple choice, a report."""
+    from .eval.evaluate import GenerationSettings, run_evaluation
+    from .eval.multiple_choice import read_mc_file
+    from .eval.report import forgetting_rows, mc_table, score_table, write_report
+    from .eval.systems import describe_systems
+    from .eval.tasks import plan_tasks
+
+    systems = describe_systems(list(adapter), base, model)
+    tasks = plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out))
+    questions = read_mc_file(mc) if mc else None
+    if not tasks and not questions:
+        raise PeftkitError("nothing to score: pass --dataset NAME, an adapter trained by peftkit, --held-out or --mc")
+    settings = GenerationSettings(max_new_tokens, batch_size, num_beams, sample, temperature, top_p, seed,
+                                  not whole_output, stemmer)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        results = run_evaluation(systems, tasks, settings, questions, str(mc) if mc else None, device, progress=progress)
+    primary = next((t.name for t in tasks if t.primary), None)
+    write_report(results, out, title=f"peftkit evaluation: {primary or 'held-out tasks'}")
+    if primary:
+        _print_report_table(score_table(results, primary), f"{primary} ({split}, {results['tasks'][primary]['n']} examples)")
+    if results["forgetting"]:
+        _print_report_table(forgetting_rows(results), "held-out tasks: change vs base")
+    if questions:
+        _print_report_table(mc_table(results), f"multiple choice: {mc}")
+    console.print(f"report: [cyan]{out / 'report.html'}[/] (also report.md, results.json)")
+
+
+@app.command()
+def sweep(
+    config: Optional[Path] = typer.Argument(None, help="Base YAML config (default: the built-in default run)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of the base config (repeatable)."),
+    method: list[str] = typer.Option(["lora"], "--method", help="Method to sweep (repeatable)."),
+    rank: list[int] = typer.Option([1, 4, 16, 64], "--rank", min=1, help="LoRA rank (repeatable)."),
+    lr: list[float] = typer.Option([2e-4], "--lr", help="Learning rate (repeatable)."),
+    split: str = typer.Option("validation", help="Split that scores each run (tune on validation, report on test)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score the first N examples."),
+    metric: str = typer.Option("rougeL", help="rouge1, rouge2, rougeL, rougeLsum, bleu or exact_match."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs and the report."),
+) -> None:
+    """Train a grid of methods x ranks x learning rates, one after another, and plot score vs rank and size."""
+    from .config import load_config
+    from .eval.report import sweep_table, write_report
+    from .eval.sweep import run_sweep
+
+    if metric not in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match"):
+        raise PeftkitError(f"--metric {metric!r}: choose rouge1, rouge2, rougeL, rougeLsum, bleu or exact_match")
+    cfg = load_config(config, set_)
+    with _progress() as progress:
+        results = run_sweep(cfg, list(method), list(rank), list(lr), out, split, limit, metric, progress=progress)
+    write_report(results, out / "report", title=f"peftkit sweep: {cfg.data.dataset or cfg.data.train}")
+    _print_report_table(sweep_table(results), f"sweep ({metric} on {split})")
+    console.print(f"report: [cyan]{out / 'report' / 'report.html'}[/]")
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the first adapter's base)."),
+    adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=PATH of an adapter to serve (repeatable)."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the one adapter into the base (zero overhead; nothing else served)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback by default)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PEFTKIT_API_KEY", help="Bearer key; admin endpoints need it (prefer the env var)."),
+    adapter_root: Optional[Path] = typer.Option(None, "--adapter-root", help="The only folder admin loads may read from."),
+    base_name: Optional[str] = typer.Option(None, "--base-name", help="Name requests use for the base (default: --model)."),
+    max_batch_size: int = typer.Option(8, min=1, help="Most requests decoded in one forward pass."),
+    max_wait_ms: float = typer.Option(10.0, min=0, help="How long a request waits for others to batch with."),
+    max_prompt_tokens: int = typer.Option(2048, min=1, help="Longest prompt accepted, in tokens."),
+    max_tokens: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
+    max_concurrent: int = typer.Option(64, min=1, help="Requests in flight at once (429 above)."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body (413 above)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or auto."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Serve the base and adapters over an OpenAI-compatible HTTP API (the request's `model` picks one)."""
+    from .serve.server import parse_adapter_specs, run_server
+    from .serve.settings import ServeSettings
+
+    settings = ServeSettings(
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body_bytes,
+        api_key=api_key, adapter_root=adapter_root,
+    )
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise PeftkitError(f"--adapter-root {adapter_root}: no such folder")
+    run_server(model, parse_adapter_specs(adapter), settings, host, port, merge, device, precision, base_name)
+
+
+@app.command()
+def combine(
+    adapters: list[str] = typer.Argument(..., help="Adapter folders to combine (same base)."),
+    weights: list[str] = typer.Option(..., "--weights", "-w", help="One weight per adapter: --weights 0.5 0.5 (or 0.5,0.5)."),
+    how: str = typer.Option("svd", "--how", help="linear (same ranks), cat (exact, rank sum) or svd (exact sum, re-factorised)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the new adapter."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="Rank of an svd combination (default: the largest)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the first adapter's)."),
+) -> None:
+    """Make a new adapter from a weighted combination of adapters (like PEFT's add_weighted_adapter)."""
+    from .combine import HOW, combine_folders, split_weights
+
+    if how not in HOW:
+        raise PeftkitError(f"--how {how!r}: choose one of {', '.join(HOW)}")
+    folders, numbers = split_weights(adapters, weights)
+    path, config = combine_folders(folders, numbers, out, how=how, rank=rank, model=model)  # type: ignore[arg-type]
+    console.print(f"combined adapter (rank {config.r}, {how}) written to [cyan]{path}[/]")
 
 
 def main() -> None:

@@ -20,7 +20,36 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("lora", "qlora", "prompt_tuning", "prefix_tuning", "bottleneck", "selective", "full")
+METHODS = ("lora", "qlora", "prompt_tuning", "prefix_tuning", "adaption_prompt", "bottleneck", "selective", "full")
+PACKABLE_METHODS = ("lora", "qlora", "adaption_prompt", "bottleneck", "selective", "full")
+"""Methods whose parameters act per token, so packed examples stay independent (a soft prompt or
+prefix is prepended once per sequence, not once per packed example)."""
+
+
+@dataclass
+class MixtureEntry:
+    """One task of a multi-task mixture (`data.mixture`); unset keys take the `data.*` value."""
+
+    dataset: str | None = None
+    """A built-in dataset (e.g. `aclsum/challenge`); or give `train` (and optionally validation/test) files."""
+    train: str | None = None
+    """Training file or `datasets` folder of this task."""
+    validation: str | None = None
+    """Validation file of this task (else held out by `data.val_ratio`)."""
+    test: str | None = None
+    """Test file of this task (else held out by `data.test_ratio`)."""
+    prompt: str | None = None
+    """Prompt column or template over the columns (default: `data.prompt`)."""
+    response: str | None = None
+    """Response column (default: `data.response`)."""
+    template: str | None = None
+    """This task's own template (built-in name or literal); default: the dataset's built-in phrasings."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column renames for this task's files (default: `data.columns`)."""
+    weight: float = 1.0
+    """Examples per epoch relative to the task's size: 1.0 all once, 0.5 a seeded half, 2.0 each twice."""
+    name: str | None = None
+    """Name in logs and counts (default: the dataset name or the file's stem)."""
 
 
 @dataclass
@@ -55,6 +84,14 @@ class DataConfig:
     """Fraction of training rows held out for testing when no test file is given."""
     max_train_examples: int | None = None
     """Use at most this many training examples (after shuffling with the seed)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping {name the template / shape reads: column in the file}, e.g. `{abstract: body, messages: conversations}`."""
+    mixture: list[MixtureEntry] = field(default_factory=list)
+    """Several tasks trained together, each with its own template and a `weight`; replaces `dataset` / `train`."""
+    packing: bool = False
+    """Pack several examples per sequence of `max_length` (block-diagonal attention, position ids restart)."""
+    add_special_tokens: list[str] = field(default_factory=list)
+    """New special tokens: embeddings are resized and the changed embedding / head rows saved with the adapter."""
 
 
 @dataclass
@@ -75,6 +112,90 @@ class LoraConfig:
     """Modules trained fully and saved with the adapter (e.g. a classification head `score`)."""
     init: Literal["kaiming", "gaussian"] = "kaiming"
     """Initialisation of A (B is always zero, so a fresh adapter changes nothing)."""
+    use_dora: bool = False
+    """DoRA: also learn a magnitude per output feature, m * (W + BA) / ||W + BA|| (PEFT's `use_dora`)."""
+
+
+@dataclass
+class QuantConfig:
+    """How `method: qlora` stores the frozen base's linear layers (bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    """4: NF4/FP4 blocks (QLoRA); 8: LLM.int8 (Linear8bitLt)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NF4 (normal-float, the QLoRA paper's) or FP4."""
+    double_quant: bool = True
+    """Quantize the per-block scales too (saves ~0.4 bits per weight)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of the matmuls: auto = bf16 where the device computes it natively, else fp32."""
+    skip_modules: list[str] = field(default_factory=list)
+    """Linear layers kept in full precision besides the output head and the model's own fp32 modules."""
+
+
+@dataclass
+class SelectiveConfig:
+    """Train chosen parts of the base model itself (no new layers); only those tensors are saved."""
+
+    layers: list[int] = field(default_factory=list)
+    """Transformer block indices to train (negative counts from the end); when given, `top_layers` is ignored."""
+    top_layers: int = 2
+    """Train the last N blocks of each stack (T5: of the encoder and of the decoder); 0 with no `layers`: every block."""
+    components: list[Literal["attention", "mlp", "norms", "embeddings", "head"]] = field(default_factory=list)
+    """Parts to train; empty: all parts of the chosen blocks. Embeddings, head and final norms are outside the
+    blocks and are trained only when named here."""
+    biases_only: bool = False
+    """Train only bias vectors of the selection (BitFit)."""
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning: N trainable virtual-token embeddings prepended to every input (encoder input for seq2seq)."""
+
+    num_virtual_tokens: int = 20
+    """Virtual tokens N (typical: 20-100); trainable parameters: N * hidden size."""
+    init: Literal["text", "random"] = "text"
+    """Start from the embeddings of `init_text` (repeated or cut to N tokens), or from random vectors."""
+    init_text: str = "Summarize the outcome of this paper"
+    """Text whose token embeddings initialise the prompt (with `init: text`)."""
+    tokenizer: str | None = None
+    """Tokenizer for `init_text` (a folder or Hub id); null: the base model's own."""
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning: N trainable key/value vectors prepended in the attention of every layer (decoder-only models)."""
+
+    num_virtual_tokens: int = 20
+    """Prefix length N; trainable parameters: N * layers * 2 * key/value width."""
+    init: Literal["text", "random"] = "text"
+    """Start from the keys/values the base model computes for `init_text` (so a fresh prefix reads as that text),
+    or from random N(0, 1) vectors (PEFT's default)."""
+    init_text: str = "Summarize the outcome of this paper"
+    """Text whose keys/values initialise the prefix (with `init: text`)."""
+    tokenizer: str | None = None
+    """Tokenizer for `init_text` (a folder or Hub id); null: the base model's own."""
+
+
+@dataclass
+class AdaptionPromptConfig:
+    """LLaMA-Adapter: learned prompts attended by the top layers through a zero-initialised gate (fresh ≡ base)."""
+
+    adapter_len: int = 10
+    """Prompt tokens per adapted layer."""
+    adapter_layers: int = 8
+    """How many of the top decoder layers get a prompt."""
+
+
+@dataclass
+class BottleneckConfig:
+    """Bottleneck adapters: h + up(act(down(h))) on a sublayer's output, the up-projection zero-initialised."""
+
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: after the attention and after the feed-forward block of every layer; pfeiffer: after the feed-forward only."""
+    reduction_factor: int = 16
+    """Bottleneck width = hidden size / reduction_factor."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Non-linearity between the down- and up-projection."""
 
 
 @dataclass
@@ -109,6 +230,24 @@ class TrainConfig:
     """Log metrics every N optimizer steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    micro_batch_size: int | None = None
+    """Examples per forward/backward (gradient accumulation); null: the whole batch (per process) at once."""
+    eval_every: int = 0
+    """Also evaluate on validation every N optimizer steps (0: at the end of each epoch only)."""
+    select_by: Literal["val_loss", "rougeL"] = "val_loss"
+    """Validation score that picks the best checkpoint: loss, or ROUGE-L F1 of greedy generations."""
+    load_best: bool = False
+    """Save the best validation checkpoint (not the last step) as the final adapter."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement (0: never stop early)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep (older ones are deleted)."""
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = "auto"
+    """Under torchrun: `auto`/`ddp` replicate (DDP), `fsdp` shards (FSDP2); `none` refuses several processes."""
+    init_adapter: str | None = None
+    """Start from an existing adapter folder (peftkit's or HF PEFT's) instead of a fresh one."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
+    """AdamW, or bitsandbytes' 8-bit / paged variants (paged needs CUDA: elsewhere the unpaged one, with a note)."""
 
 
 @dataclass
@@ -133,10 +272,24 @@ class RunConfig:
 
     model: str = "smollm2-135m"
     """A built-in name (`smollm2-135m`), a local transformers folder, or a Hugging Face Hub id."""
-    method: Literal["lora", "qlora", "prompt_tuning", "prefix_tuning", "bottleneck", "selective", "full"] = "lora"
+    method: Literal[
+        "lora", "qlora", "prompt_tuning", "prefix_tuning", "adaption_prompt", "bottleneck", "selective", "full"
+    ] = "lora"
     """The fine-tuning method."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """Base-model quantization, used by `method: qlora`."""
+    selective: SelectiveConfig = field(default_factory=SelectiveConfig)
+    """Which base tensors `method: selective` trains."""
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    """Soft prompt of `method: prompt_tuning`."""
+    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
+    """Key/value prefixes of `method: prefix_tuning`."""
+    adaption_prompt: AdaptionPromptConfig = field(default_factory=AdaptionPromptConfig)
+    """Gated prompts of `method: adaption_prompt` (LLaMA-Adapter)."""
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    """Houlsby / Pfeiffer adapters of `method: bottleneck`."""
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     output_dir: str = "runs/default"
@@ -185,6 +338,12 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
                 return out
         errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return value
+        key_tp, value_tp = get_args(tp)
+        return {_coerce(k, key_tp, path, errors): _coerce(v, value_tp, f"{path}.{k}", errors) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
@@ -196,6 +355,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         errors.append(f"{path}: expected {tp.__name__}, got {value!r}")
         return value
@@ -215,7 +379,11 @@ def _build(cls: type, raw: dict[str, Any], path: str, errors: list[str]) -> Any:
             did = f" (did you mean {hint[0]!r}?)" if hint else f" (valid keys: {', '.join(names)})"
             errors.append(f"{where}: unknown key{did}")
             continue
-        kwargs[key] = _coerce(value, hints[key], where, errors)
+        before = len(errors)
+        coerced = _coerce(value, hints[key], where, errors)
+        if len(errors) == before or dataclasses.is_dataclass(hints[key]):  # a mistyped field keeps its default,
+            # so the range checks below still run on every other field
+            kwargs[key] = coerced
     return cls(**kwargs)
 
 
@@ -225,6 +393,15 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
         (cfg.lora.r >= 1, "lora.r", "must be at least 1 (typical: 4-64)"),
         (cfg.lora.alpha > 0, "lora.alpha", "must be positive (typical: r or 2*r)"),
         (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (cfg.selective.top_layers >= 0, "selective.top_layers", "must be non-negative (0 with no layers: every block)"),
+        (cfg.prompt_tuning.num_virtual_tokens >= 1, "prompt_tuning.num_virtual_tokens", "must be at least 1 (typical: 20-100)"),
+        (cfg.prefix_tuning.num_virtual_tokens >= 1, "prefix_tuning.num_virtual_tokens", "must be at least 1 (typical: 10-30)"),
+        (cfg.adaption_prompt.adapter_len >= 1, "adaption_prompt.adapter_len", "must be at least 1 (typical: 10)"),
+        (cfg.adaption_prompt.adapter_layers >= 1, "adaption_prompt.adapter_layers", "must be at least 1"),
+        (cfg.bottleneck.reduction_factor >= 1, "bottleneck.reduction_factor", "must be at least 1 (typical: 8-64)"),
+        (not (cfg.method == "prefix_tuning" and cfg.train.gradient_checkpointing), "train.gradient_checkpointing",
+         "prefix tuning injects its prefix through the key/value cache, which recomputation in backward would "
+         "extend twice; set train.gradient_checkpointing: false"),
         (cfg.train.epochs > 0, "train.epochs", "must be positive"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
@@ -238,6 +415,15 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
         (0 <= cfg.data.val_ratio < 1, "data.val_ratio", "must be in [0, 1)"),
         (0 <= cfg.data.test_ratio < 1, "data.test_ratio", "must be in [0, 1)"),
         (cfg.data.val_ratio + cfg.data.test_ratio < 1, "data", "val_ratio + test_ratio must be below 1"),
+        (not cfg.data.packing or cfg.method in PACKABLE_METHODS, "data.packing",
+         f"method {cfg.method!r} cannot use packed sequences (packable: {', '.join(PACKABLE_METHODS)}); set data.packing: false"),
+        (all(m.weight > 0 for m in cfg.data.mixture), "data.mixture", "every weight must be positive"),
+        (all((m.dataset is None) != (m.train is None) for m in cfg.data.mixture), "data.mixture",
+         "each entry needs exactly one of `dataset` (built-in) or `train` (a file)"),
+        (cfg.train.micro_batch_size is None or cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1"),
+        (cfg.train.eval_every >= 0, "train.eval_every", "must be non-negative (0: each epoch)"),
+        (cfg.train.early_stopping_patience >= 0, "train.early_stopping_patience", "must be non-negative (0 disables)"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1 (resume needs one)"),
         (cfg.generate.max_new_tokens >= 1, "generate.max_new_tokens", "must be at least 1"),
         (cfg.generate.num_samples >= 0, "generate.num_samples", "must be non-negative"),
         (cfg.generate.temperature > 0, "generate.temperature", "must be positive"),
@@ -246,7 +432,7 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
     for ok, key, message in checks:
         if not ok:
             errors.append(f"{key}: {message}")
-    if cfg.data.dataset is None and cfg.data.train is None:
+    if cfg.data.dataset is None and cfg.data.train is None and not cfg.data.mixture:
         errors.append("data: give either `dataset` (e.g. aclsum/outcome) or a `train` file")
 
 
@@ -298,8 +484,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a plain dict; raise one ConfigError listing every problem."""
     errors: list[str] = []
     cfg = _build(RunConfig, raw, "", errors)
-    if not errors:
-        _check_values(cfg, errors)
+    _check_values(cfg, errors)
     if errors:
         listing = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"{source}: {len(errors)} problem(s):\n{listing}")

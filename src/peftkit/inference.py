@@ -21,6 +21,7 @@ from .data.templates import PromptFormat, template_fields
 from .errors import AdapterError, PeftkitError
 from .generate import generate_texts
 from .io import atomic_dir
+from .methods.quant import merge_dequantized, quantize_base, trained_quantization
 from .models import load_model, resolve_device, resolve_dtype
 
 
@@ -80,10 +81,15 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = No
     adapted, tokenizer = loaded.adapted, loaded.tokenizer
     probe = tokenizer("The merged model must agree with the adapter.", return_tensors="pt")
     kwargs = {"decoder_input_ids": probe["input_ids"]} if getattr(adapted.config, "is_encoder_decoder", False) else {}
-    before = adapted(**probe, **kwargs).logits
-    merged = adapted.merge_and_unload()
-    after = merged(**probe, **kwargs).logits
-    max_err = float((before - after).abs().max())
+    quant = trained_quantization(read_sidecar(adapter))
+    if quant is not None:  # QLoRA: compare with the quantized model it was trained on; never re-quantize
+        quantize_base(adapted.model, quant)
+        merged, report = merge_dequantized(adapted, {**probe, **kwargs}, quant)
+        max_err = report.max_logit_error
+    else:
+        before = adapted(**probe, **kwargs).logits
+        merged = adapted.merge_and_unload()
+        max_err = float((before - merged(**probe, **kwargs).logits).abs().max())
     for name, param in merged.named_parameters():
         if not torch.isfinite(param).all():
             raise AdapterError(f"merging produced NaN/Inf in {name}; the adapter is corrupt")

@@ -80,11 +80,13 @@ def match_targets(
         targets = default_targets(model)
     heads = _output_head_names(model)
     found = []
+    wrappers = tuple(p + "." for p, m in model.named_modules() if isinstance(m, AdapterLayerMixin))
     for path, module in model.named_modules():
-        if not isinstance(module, types) or isinstance(module, AdapterLayerMixin):
+        layer = getattr(module, "base_layer", None) if isinstance(module, AdapterLayerMixin) else module
+        if not isinstance(layer, types):  # a wrapped layer matches at its own path (another adapter joins it)
             continue
-        if ".base_layer" in path or ".original_module" in path or ".modules_to_save." in path:
-            continue  # already wrapped
+        if path.startswith(wrappers):
+            continue  # inside a wrapper: its base layer or an adapter's own linears
         if targets == "all-linear":
             if path not in heads:
                 found.append(path)
@@ -141,3 +143,14 @@ def unwrap_all(model: nn.Module) -> None:
     """Put every wrapped base module back in place (after merging, this gives a plain model)."""
     for path, layer in list(adapter_layers(model)):
         replace_module(model, path, layer.base_layer)  # type: ignore[attr-defined]
+
+
+def convert_layers(model: nn.Module, layer_type: type, convert: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Replace every module whose type is exactly `layer_type` by `convert(module)`; returns their paths.
+
+    Used to swap a layer for a variant that shares its weights (e.g. serving's row-routed LoRA).
+    """
+    paths = [path for path, module in model.named_modules() if type(module) is layer_type]
+    for path in paths:
+        replace_module(model, path, convert(model.get_submodule(path)))
+    return paths

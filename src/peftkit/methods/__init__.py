@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from . import lora
+from . import adaption_prompt, bottleneck, lora, prefix_tuning, prompt_tuning, selective
 from .base import AdapterLayer, AdapterLayerMixin, Method
 
 
@@ -23,7 +23,32 @@ def _attach_lora(model: nn.Module, name: str, config: lora.LoraConfig) -> list[s
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", lora.LoraConfig, _attach_lora, lora.to_peft_config, lora.from_peft_config, "LORA"),
+    "lora": Method(
+        "lora", lora.LoraConfig, _attach_lora, lora.to_peft_config, lora.from_peft_config, "LORA", None,
+        lora.to_file_state, lora.from_file_state,
+    ),
+    "prompt_tuning": Method(
+        "prompt_tuning", prompt_tuning.PromptTuningConfig, prompt_tuning.attach, prompt_tuning.to_peft_config,
+        prompt_tuning.from_peft_config, "PROMPT_TUNING", prompt_tuning.model_keys, prompt_tuning.to_file_state,
+        prompt_tuning.from_file_state,
+    ),
+    "prefix_tuning": Method(
+        "prefix_tuning", prefix_tuning.PrefixTuningConfig, prefix_tuning.attach, prefix_tuning.to_peft_config,
+        prefix_tuning.from_peft_config, "PREFIX_TUNING", prefix_tuning.model_keys, prompt_tuning.to_file_state,
+        prompt_tuning.from_file_state,
+    ),
+    "adaption_prompt": Method(
+        "adaption_prompt", adaption_prompt.AdaptionPromptConfig, adaption_prompt.attach, adaption_prompt.to_peft_config,
+        adaption_prompt.from_peft_config, "ADAPTION_PROMPT", adaption_prompt.model_keys,
+    ),
+    "bottleneck": Method(
+        "bottleneck", bottleneck.BottleneckConfig, bottleneck.attach, bottleneck.to_peft_config,
+        bottleneck.from_peft_config, bottleneck.PEFT_TYPE, bottleneck.model_keys,
+    ),
+    "selective": Method(
+        "selective", selective.SelectiveConfig, selective.attach, selective.to_peft_config, selective.from_peft_config,
+        selective.PEFT_TYPE, None, selective.to_file_state, selective.from_file_state,
+    ),
 }
 PEFT_TYPES = {m.peft_type: m for m in METHODS.values()}
 

@@ -39,6 +39,20 @@ class AdapterLayer(Protocol):
         """Restore the base weight exactly as it was before the first merge."""
 
 
+@runtime_checkable
+class InputAdapterLayer(Protocol):
+    """An adapter layer that changes the model's inputs (virtual tokens, a key/value prefix), not a module's output.
+
+    It sits on the input embedding (placed by inject.py, its forward unchanged); AdaptedModel calls
+    `adapt_inputs` before `forward` / `generate` while its adapter is active.
+    """
+
+    active_adapter: str | None
+
+    def adapt_inputs(self, model: nn.Module, inputs: dict[str, Any], generating: bool) -> tuple[dict[str, Any], int]:
+        """The model's keyword inputs for the active adapter, and how many positions it prepended to the output."""
+
+
 class AdapterLayerMixin:
     """Shared state handling for adapter layers: active adapter, merges, exact unmerge."""
 
@@ -120,3 +134,9 @@ class Method:
     from_peft_config: Callable[[dict[str, Any]], Any]
     """Inverse of `to_peft_config`."""
     peft_type: str
+    model_keys: Callable[[nn.Module, Any], dict[str, Any]] | None = None
+    """model_keys(model, config) -> adapter_config.json keys that describe the base (PEFT's token_dim, num_layers...)."""
+    to_file_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    """Rename the adapter's tensors for its file (prompt-learning methods store one bare `prompt_embeddings`)."""
+    from_file_state: Callable[[dict[str, torch.Tensor], list[str], Any], dict[str, torch.Tensor]] | None = None
+    """from_file_state(file tensors, expected keys, config) -> tensors under the expected keys (inverse of the above)."""

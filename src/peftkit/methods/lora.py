@@ -2,6 +2,11 @@
 
 Layout and names follow HF PEFT (`base_layer`, `lora_A[name]`, `lora_B[name]`) so adapter
 files are interchangeable. A starts random, B at zero: a fresh adapter changes nothing.
+
+DoRA (`use_dora`) splits the adapted weight into a learned magnitude m (one per output
+feature, PEFT's `lora_magnitude_vector`) and a direction: W' = m * (W + s B A) / ||W + s B A||,
+the norm taken per output row and detached from the graph (DoRA paper, section 4.3).
+m starts at ||W||, so a fresh DoRA adapter changes nothing either.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
+from ..errors import AdapterError
 from .base import AdapterLayerMixin
+from .quant import CONV1D_SOURCE, dense_weight, is_quantized
 
 LORA_TYPES = (nn.Linear, Conv1D)
 
@@ -31,20 +39,30 @@ def lora_scaling(config: LoraConfig) -> float:
     return config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
 
 
-class LoraLinear(nn.Module, AdapterLayerMixin):
-    """A linear layer (or Conv1D) with named LoRA adapters beside it."""
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude vector, one per output feature (a module so its key is PEFT's `...lora_magnitude_vector.weight`)."""
 
-    adapter_attrs = ("lora_A", "lora_B", "lora_dropout")
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class LoraLinear(nn.Module, AdapterLayerMixin):
+    """A linear layer (or Conv1D, or a bitsandbytes 4/8-bit linear) with named LoRA / DoRA adapters beside it."""
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
     can_merge = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        # Conv1D stores (in, out); so does the float layer a quantized former Conv1D dequantizes back to
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D) or getattr(base_layer, CONV1D_SOURCE, False)
         self.in_features, self.out_features = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self._init_adapter_state()
 
@@ -62,15 +80,50 @@ class LoraLinear(nn.Module, AdapterLayerMixin):
         self.lora_B[name] = lora_b
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(config)
+        if config.use_dora:
+            with torch.no_grad():
+                magnitude = self.direction_norm(name, self.weight_out_in(dtype))
+            self.lora_magnitude_vector[name] = DoraMagnitude(magnitude)
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self.scaling.pop(name, None)
 
+    def weight_out_in(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The unmerged base weight as (out, in), dequantized if the base is 4/8-bit."""
+        weight = self._weight_before_merge if self._weight_before_merge is not None else None
+        if weight is None:
+            return dense_weight(self.base_layer).to(dtype)
+        return (weight.T if self.fan_in_fan_out else weight).to(dtype)
+
+    def lora_weight(self, name: str) -> torch.Tensor:
+        """s * B A as (out, in), in the adapter's dtype."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def direction_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| per output row (out,), detached: DoRA treats it as a constant in backward."""
+        return torch.linalg.norm(weight + self.lora_weight(name).detach().to(weight.dtype), dim=1).detach()
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """B A * scaling, in the base weight's layout ((out, in), or (in, out) for Conv1D)."""
-        delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
+        """What merging adds to the base weight, in its layout ((out, in), or (in, out) for Conv1D).
+
+        LoRA: s B A. DoRA: m / ||W + s B A|| * (W + s B A) - W, with W the unmerged weight.
+        """
+        delta = self.lora_weight(name).float()
+        if name in self.lora_magnitude_vector:
+            weight = self.weight_out_in(torch.float32)
+            adapted = weight + delta
+            scale = self.lora_magnitude_vector[name].weight.float() / torch.linalg.norm(adapted, dim=1)
+            delta = scale[:, None] * adapted - weight
         return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, name: str) -> None:
+        if is_quantized(self.base_layer):
+            raise AdapterError(
+                "the base layer is quantized, so the adapter cannot be merged into it in place: that would re-quantize "
+                "W + BA and round the update away; use peftkit.methods.quant.merge_dequantized to merge into a 16/32-bit copy"
+            )
+        super().merge(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -78,8 +131,23 @@ class LoraLinear(nn.Module, AdapterLayerMixin):
         if name is None or name in self.merged_adapters:
             return result
         lora_a = self.lora_A[name]
-        h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (B, T, r)
-        return result + (self.lora_B[name](h) * self.scaling[name]).to(result.dtype)
+        x = x.to(lora_a.weight.dtype)
+        dropped = self.lora_dropout[name](x)
+        lora_out = self.lora_B[name](lora_a(dropped)) * self.scaling[name]  # (B, T, out)
+        if name in self.lora_magnitude_vector:
+            lora_out = self._dora_output(name, dropped, result, lora_out)
+        return result + lora_out.to(result.dtype)
+
+    def _dora_output(self, name: str, dropped: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        """DoRA's addition to the base output: (m/||W + sBA|| - 1) W x + m/||W + sBA|| * sBA x (PEFT's formula)."""
+        weight = self.weight_out_in(lora_out.dtype)
+        scale = self.lora_magnitude_vector[name].weight / self.direction_norm(name, weight)  # (out,)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            bias = self.bias
+            base_out = (result - bias if bias is not None else result).to(lora_out.dtype)
+        else:  # with active dropout, the magnitude rescales W applied to the dropped input, as in PEFT
+            base_out = F.linear(dropped, weight)
+        return (scale - 1) * base_out + scale * lora_out
 
     def extra_repr(self) -> str:
         ranks = {n: a.out_features for n, a in self.lora_A.items()}
@@ -133,13 +201,28 @@ def to_peft_config(config: LoraConfig) -> dict[str, Any]:
     }
     if config.use_rslora:
         out["use_rslora"] = True
+    if config.use_dora:
+        out["use_dora"] = True
     return out
+
+
+MAGNITUDE_KEY = ".lora_magnitude_vector.weight"
+
+
+def to_file_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's file names DoRA's magnitude `...lora_magnitude_vector` (no `.weight`, its pre-0.12 layout)."""
+    return {k.removesuffix(".weight") if k.endswith(MAGNITUDE_KEY) else k: v for k, v in state.items()}
+
+
+def from_file_state(state: dict[str, torch.Tensor], expected: list[str], config: Any) -> dict[str, torch.Tensor]:
+    """Inverse of `to_file_state`; files that kept the `.weight` suffix load too."""
+    return {k + ".weight" if k.endswith(MAGNITUDE_KEY[: -len(".weight")]) else k: v for k, v in state.items()}
 
 
 def from_peft_config(raw: dict[str, Any]) -> LoraConfig:
     from ..errors import AdapterError
 
-    for key, why in (("use_dora", "DoRA"), ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas")):
+    for key, why in (("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas")):
         if raw.get(key):
             raise AdapterError(f"adapter_config.json uses {why} ({key}), which this peftkit version does not load")
     if raw.get("layers_to_transform") is not None:
@@ -151,6 +234,7 @@ def from_peft_config(raw: dict[str, Any]) -> LoraConfig:
         dropout=float(raw.get("lora_dropout", 0.0)),
         target_modules=raw.get("target_modules"),
         use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
         modules_to_save=list(raw.get("modules_to_save") or []),
         init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
     )

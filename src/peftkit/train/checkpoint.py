@@ -1,7 +1,9 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG states and the data position.
 
-Each checkpoint is a folder written atomically (`checkpoints/step-N/`); the last `keep` are kept.
-Resuming restores everything, so the resumed run continues bit-identically on CPU.
+Each checkpoint is a folder written atomically (`checkpoints/step-N/`); the newest `keep` are
+kept. Resuming restores everything (the data order is a pure function of seed and epoch, so the
+step number is the data position), and the resumed run continues bit-identically on CPU.
+Under torchrun every rank takes part in gathering the state; rank 0 alone writes it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..errors import PeftkitError
 from ..io import atomic_dir
+from .distributed import Distributed, barrier, full_tensor, gather_objects, load_into
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -44,23 +47,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Full (unsharded) copies of the trainable parameters, by name."""
+    return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise PeftkitError(f"{source}: checkpoint does not match this run's model (e.g. {missing[0]}); same config?")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            load_into(params[name], tensor)
+
+
+def _optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer, info: Distributed) -> dict[str, Any]:
+    if info.kind != "fsdp":
+        return optimizer.state_dict()  # one process, or DDP replicas holding the same state
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], info: Distributed) -> None:
+    if info.kind != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(root, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, Any], keep: int = 3
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, Any],
+    keep: int = 3, info: Distributed = Distributed(), root: nn.Module | None = None,
 ) -> Path:
-    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints."""
+    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints.
+
+    `model` names the weights (the AdaptedModel); `root` is what FSDP sharded (for the optimizer).
+    """
     path = folder / f"step-{progress['step']}"
-    with atomic_dir(path) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / OPTIMIZER_FILE,
-        )
-        (tmp / STATE_FILE).write_text(json.dumps(progress, indent=2, sort_keys=True) + "\n")
-    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    weights = trainable_state(model)
+    optim = _optimizer_state(root if root is not None else model, optimizer, info)
+    rngs = gather_objects(rng_state(), info)
+    if info.is_main:
+        with atomic_dir(path) as tmp:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / OPTIMIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps({**progress, "world_size": info.world_size}, indent=2, sort_keys=True) + "\n")
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
     return path
 
 
@@ -72,22 +109,40 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns its progress record (step, epoch, batch index...)."""
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    info: Distributed = Distributed(), root: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Restore a checkpoint in place; returns its progress record (step, best score, tokens...)."""
     try:
         weights = load_file(str(path / WEIGHTS_FILE))
         extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         progress = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise PeftkitError(f"{path}: checkpoint is unreadable ({exc}); delete it to resume from the previous one") from None
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise PeftkitError(f"{path}: checkpoint does not match this run's model (e.g. {missing[0]}); same config?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(extra["optimizer"])
+    if progress.get("world_size", 1) != info.world_size:
+        raise PeftkitError(
+            f"{path}: written by {progress.get('world_size', 1)} process(es), resumed with {info.world_size}; "
+            "resume with the same number of processes (the data split and RNG streams depend on it)"
+        )
+    load_trainable_state(model, weights, path)
+    _load_optimizer_state(root if root is not None else model, optimizer, extra["optimizer"], info)
     scheduler.load_state_dict(extra["scheduler"])
-    set_rng_state(extra["rng"])
+    set_rng_state(extra["rng"][info.rank])
     return progress
+
+
+def save_best(path: Path, model: nn.Module, record: dict[str, Any], info: Distributed = Distributed()) -> None:
+    """`output_dir/best/`: the trainable weights of the best validation step and its scores."""
+    weights = trainable_state(model)
+    if info.is_main:
+        with atomic_dir(path) as tmp:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            (tmp / "best.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    barrier(info)
+
+
+def load_best(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Put the best step's weights back into `model`; returns its record."""
+    load_trainable_state(model, load_file(str(path / WEIGHTS_FILE)), path)
+    return json.loads((path / "best.json").read_text())

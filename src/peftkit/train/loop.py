@@ -1,4 +1,5 @@
-"""The training recipe, top to bottom: model + method -> data -> loop -> adapter -> samples.
+"""The training recipe, top to bottom: data -> model + method -> loop (validate, checkpoint) ->
+adapter -> logs and samples. Works on one process or many (torchrun: DDP or FSDP2).
 
 Example:
     >>> from peftkit.config import load_config
@@ -23,16 +24,23 @@ from torch import nn
 
 from ..adapters import AdaptedModel
 from ..config import RunConfig
-from ..data.datasets import TaskData, collate, length_grouped_order, load_task, tokenize_task_rows
+from ..data.datasets import TaskData, load_tasks
 from ..errors import ConfigError, PeftkitError
 from ..generate import generate_texts
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..models import builtin_origin, is_seq2seq, load_model, resolve_device, resolve_dtype
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .loss import loss_sum_and_count
+from . import distributed
+from .checkpoint import list_checkpoints, load_best, load_checkpoint, save_best, save_checkpoint
+from .data import TrainData, build_train_data, epoch_batches
+from .distributed import Distributed
+from .logs import MetricsLog
+from .optim import build_optimizer
+from .loss import LossForward
+from .setup import ADAPTER_NAME, add_special_tokens, enable_gradient_checkpointing, prepare_model
+from .step import accumulate_gradients
+from .validate import Selection, evaluate_loss, perplexity, validation_rouge_l
 
 log = logging.getLogger(__name__)
-ADAPTER_NAME = "default"
 
 
 @dataclass
@@ -49,26 +57,42 @@ class TrainResult:
     trainable: str
     samples: list[dict[str, str]] = field(default_factory=list)
     peak_rss_gb: float | None = None
+    best_score: float | None = None
+    """Best validation score (`select_by`: loss, or ROUGE-L F1)."""
+    best_step: int | None = None
+    select_by: str = "val_loss"
+    stopped_early: bool = False
+    padding_fraction: float = 0.0
+    """Share of the trained positions that were padding."""
+    truncation: dict[str, int] = field(default_factory=dict)
+    loss_curve: Path | None = None
+    world_size: int = 1
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must carry besides weights, optimizer, scheduler and RNG."""
+
+    step: int = 0
+    first_loss: float = float("nan")
+    tokens_seen: int = 0
+    positions_seen: int = 0
+    selection: Selection = field(default_factory=Selection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "first_loss": self.first_loss, "tokens_seen": self.tokens_seen,
+                "positions_seen": self.positions_seen, "selection": self.selection.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Progress":
+        return cls(raw["step"], raw["first_loss"], raw["tokens_seen"], raw.get("positions_seen", 0),
+                   Selection(**raw.get("selection", {})))
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def prepare_model(cfg: RunConfig, model: nn.Module) -> AdaptedModel:
-    """Wrap the base and attach the configured method (full fine-tuning unfreezes everything)."""
-    from ..methods import get_method
-
-    adapted = AdaptedModel(model)
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return adapted
-    method = get_method(cfg.method)
-    adapted.add_adapter(ADAPTER_NAME, getattr(cfg, method.name))
-    return adapted
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -87,33 +111,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The data order of one epoch: a pure function of (seed, epoch), so a resume can replay it."""
-    return length_grouped_order(lengths, batch_size, random.Random(seed * 1000 + epoch))
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device: torch.device) -> float | None:
-    """Mean token loss over `examples` (None when there are none)."""
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    seq2seq = is_seq2seq(model)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, seq2seq)
-        loss_sum, n = loss_sum_and_count(model, to_device(batch, device))
-        total, count = total + float(loss_sum), count + n
-    model.train(was_training)
-    return total / max(1, count)
-
-
 def peak_rss_gb() -> float | None:
     try:
         import resource
@@ -123,139 +120,181 @@ def peak_rss_gb() -> float | None:
         return None
 
 
-def _trim_metrics(path: Path, keep_through: int) -> None:
-    """Drop records logged after the step we (re)start from, so a resumed log has no duplicates."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= keep_through]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def check_run_options(cfg: RunConfig, info: Distributed) -> None:
+    if cfg.train.select_by == "rougeL" and info.kind == "fsdp":
+        raise ConfigError("train.select_by: rougeL generates text, which this trainer does not do on FSDP shards; use ddp")
+    if info.active and cfg.train.batch_size < info.world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is the global batch; it must be at least the "
+                          f"{info.world_size} processes torchrun started")
 
 
 def run_training(
     cfg: RunConfig, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
     progress: Any = None,
 ) -> TrainResult:
-    """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; save the adapter to output_dir/adapter."""
+    """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; save the adapter to output_dir/adapter.
+
+    Under torchrun, every process runs this; only rank 0 writes files and draws `progress`.
+    """
+    info, device = distributed.setup(cfg.train.distributed, resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, resume, on_step, progress if info.is_main else None, info, device)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Distributed, device: torch.device) -> TrainResult:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    check_run_options(cfg, info)
     if not resume and list_checkpoints(ckpt_dir):
         raise PeftkitError(f"{out} already holds checkpoints; pass --resume to continue, or choose another output_dir")
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.precision, device)
     if cfg.method == "full" and dtype == torch.bfloat16:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; bf16 weights would lose small updates
 
-    # -- data (before the model: a bad file fails in a second, not after loading weights)
-    task = load_task(cfg.data, cfg.train.seed)
+    # -- data (rows before the model: a bad file fails in a second, not after loading weights)
+    tasks = load_tasks(cfg.data, cfg.train.seed)
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=device)
+    added = add_special_tokens(model, tokenizer, cfg.data.add_special_tokens)
     seq2seq = is_seq2seq(model)
-    train_examples, stats = tokenize_task_rows(
-        task.train, tokenizer, task, cfg.data.max_length, cfg.train.seed, cfg.data.train_on_prompt, seq2seq
-    )
-    val_examples, _ = tokenize_task_rows(
-        task.validation, tokenizer, task, cfg.data.max_length, cfg.train.seed, cfg.data.train_on_prompt, seq2seq,
-        sample_phrasings=False,
-    )
-    if not train_examples:
-        raise PeftkitError("no training example has target tokens within data.max_length; raise data.max_length")
-    log.info("data %s: %s", task.name, task.counts)
+    data = build_train_data(cfg, tasks, tokenizer, seq2seq)
 
-    # -- model + method
+    # -- model + method (same init on every rank), then per-rank dropout streams
     torch.manual_seed(cfg.train.seed)
-    adapted = prepare_model(cfg, model)
+    adapted = prepare_model(cfg, model, resized=bool(added))
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    params = [p for p in adapted.parameters() if p.requires_grad]
+        enable_gradient_checkpointing(model)
+    forward = distributed.wrap(LossForward(adapted), info, device)
+    torch.manual_seed(cfg.train.seed + info.rank)
+    params = [p for p in forward.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"method {cfg.method!r} left no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.train.batch_size)
+    optimizer = build_optimizer(params, cfg.train, device)
+    steps_per_epoch = math.ceil(len(data.units) / cfg.train.batch_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     scheduler = make_schedule(optimizer, cfg, total_steps)
 
-    # -- resume
-    step, first_loss, last_loss = 0, float("nan"), float("nan")
-    tokens_seen = 0
+    # -- resume: weights, optimizer, scheduler, RNG; the step number is the data position
+    state = Progress(selection=Selection(cfg.train.select_by))
     if resume:
         found = list_checkpoints(ckpt_dir)
         if not found:
             raise PeftkitError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-        state = load_checkpoint(found[-1], adapted, optimizer, scheduler)
-        step, first_loss, tokens_seen = state["step"], state["first_loss"], state["tokens_seen"]
-        log.info("resumed from %s", found[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    _trim_metrics(metrics_path, keep_through=step)
-    atomic_write_text(out / "config.yaml", _dump_yaml(cfg.to_dict()))
+        state = Progress.from_dict(load_checkpoint(found[-1], adapted, optimizer, scheduler, info, root=forward))
+        log.info("resumed from %s (step %d of %d)", found[-1], state.step, total_steps)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", _dump_yaml(cfg.to_dict()))
+    metrics = MetricsLog(out, info.is_main, resume_step=state.step)
 
     # -- loop
-    adapted.train()
-    task_bar = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), tps=0.0) if progress else None
-    loop_start, loop_tokens = time.perf_counter(), 0
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
-        batch_ids = epoch_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)[index]
-        batch = to_device(collate([train_examples[i] for i in batch_ids], tokenizer.pad_token_id, seq2seq), device)
-        loss_sum, count = loss_sum_and_count(adapted, batch)
-        loss = loss_sum / max(1, count)
-        loss.backward()
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)) if cfg.train.max_grad_norm > 0 else None
+    forward.train()
+    bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), tps=0.0) if progress else None
+    loop_start, loop_tokens, last_loss = time.perf_counter(), 0, float("nan")
+    stopped_early = False
+    while state.step < total_steps and not stopped_early:
+        epoch, index = divmod(state.step, steps_per_epoch)
+        batch_ids = epoch_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, epoch)[index]
+        result = accumulate_gradients(
+            forward, [data.units[i] for i in batch_ids], cfg.train.micro_batch_size, tokenizer.pad_token_id, seq2seq, device, info
         )
+        grad_norm = clip_gradients(params, cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        real_tokens = int(batch["attention_mask"].sum())
-        tokens_seen += real_tokens
-        loop_tokens += real_tokens
-        last_loss = float(loss)
-        if math.isnan(first_loss):
-            first_loss = last_loss
+        state.step += 1
+        state.tokens_seen += result.tokens
+        state.positions_seen += result.positions
+        loop_tokens += result.tokens
+        last_loss = result.loss
+        if math.isnan(state.first_loss):
+            state.first_loss = last_loss
         if not math.isfinite(last_loss):
-            raise PeftkitError(f"loss became {last_loss} at step {step} (epoch {epoch}, batch {index}); lower train.lr")
-        tps = loop_tokens / max(1e-9, time.perf_counter() - loop_start)
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
-                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1), "target_tokens": count,
-                  "grad_norm": grad_norm}
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            _log_jsonl(metrics_path, record)
+            raise PeftkitError(f"loss became {last_loss} at step {state.step} (epoch {epoch}, batch {index}); lower train.lr")
+        elapsed = time.perf_counter() - loop_start
+        tps = loop_tokens / max(1e-9, elapsed)
+        record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": last_loss,
+                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1), "target_tokens": result.target_tokens,
+                  "padding_fraction": round(1 - result.tokens / max(1, result.positions), 4), "grad_norm": grad_norm,
+                  "elapsed_s": round(elapsed, 2)}
+        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+            metrics.write(record)
         if progress is not None:
-            progress.update(task_bar, completed=step, loss=last_loss, tps=tps)
+            progress.update(bar, completed=state.step, loss=last_loss, tps=tps)
         if on_step:
             on_step(record)
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-            save_checkpoint(ckpt_dir, adapted, optimizer, scheduler,
-                            {"step": step, "first_loss": first_loss, "tokens_seen": tokens_seen})
+        if evaluation_due(cfg, state.step, steps_per_epoch, total_steps):
+            stopped_early = validate(cfg, forward, adapted, tokenizer, data, state, metrics, out, info, device, seq2seq)
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total_steps:
+            save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
     train_seconds = time.perf_counter() - loop_start
+    if stopped_early:
+        log.info("early stopping at step %d: no improvement in %d evaluations", state.step, cfg.train.early_stopping_patience)
 
-    # -- save, validate, sample
-    val_loss = evaluate_loss(adapted, val_examples, tokenizer.pad_token_id, cfg.train.batch_size, device)
-    if val_loss is not None:
-        _log_jsonl(metrics_path, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-    adapter_dir = save_result(cfg, adapted, tokenizer, task, out)
-    save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, {"step": step, "first_loss": first_loss, "tokens_seen": tokens_seen})
-    samples = sample_answers(cfg, adapted, tokenizer, task) if cfg.generate.num_samples else []
+    # -- the final adapter (the best validation step's weights with train.load_best), checkpoint, logs
+    save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
+    if cfg.train.load_best and state.selection.best_step is not None:
+        load_best(out / "best", adapted)
+        log.info("final adapter = best validation step %d (%s %.4f)", state.selection.best_step, cfg.train.select_by, state.selection.best)
+    adapter_dir = save_result(cfg, adapted, tokenizer, data.tasks, out, info, added)
+    curve = metrics.finish()
+    samples = sample_answers(cfg, adapted, tokenizer, data.tasks[0]) if cfg.generate.num_samples and info.is_main and info.kind != "fsdp" else []
+    val_records = [r for r in metrics.records() if "val_loss" in r] if info.is_main else []
     return TrainResult(
-        output_dir=out, adapter_dir=adapter_dir, steps=step, seconds=time.perf_counter() - started,
-        train_tokens=tokens_seen, tokens_per_s=loop_tokens / max(1e-9, train_seconds),
-        first_loss=first_loss, last_loss=last_loss, val_loss=val_loss, trainable=adapted.trainable_report(),
-        samples=samples, peak_rss_gb=peak_rss_gb(),
+        output_dir=out, adapter_dir=adapter_dir, steps=state.step, seconds=time.perf_counter() - started,
+        train_tokens=state.tokens_seen, tokens_per_s=loop_tokens / max(1e-9, train_seconds),
+        first_loss=state.first_loss, last_loss=last_loss, val_loss=val_records[-1]["val_loss"] if val_records else None,
+        trainable=adapted.trainable_report(), samples=samples, peak_rss_gb=peak_rss_gb(),
+        best_score=state.selection.best, best_step=state.selection.best_step, select_by=cfg.train.select_by,
+        stopped_early=stopped_early, padding_fraction=1 - state.tokens_seen / max(1, state.positions_seen),
+        truncation=data.truncation, loss_curve=curve, world_size=info.world_size,
     )
 
 
-def adapter_metadata(cfg: RunConfig, task: TaskData, tokenizer: Any) -> dict[str, Any]:
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float | None:
+    if max_norm <= 0:
+        return None
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def evaluation_due(cfg: RunConfig, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """At each epoch's end, every `eval_every` steps, and after the last step."""
+    every = cfg.train.eval_every
+    return step % steps_per_epoch == 0 or bool(every and step % every == 0) or step == total_steps
+
+
+def validate(
+    cfg: RunConfig, forward: nn.Module, adapted: AdaptedModel, tokenizer: Any, data: TrainData, state: Progress,
+    metrics: MetricsLog, out: Path, info: Distributed, device: torch.device, seq2seq: bool,
+) -> bool:
+    """Score the validation split, keep the best weights in output_dir/best/; True to stop early."""
+    val_loss = evaluate_loss(forward, data.validation, tokenizer.pad_token_id, cfg.train.batch_size, device, seq2seq)
+    if val_loss is None:
+        return False
+    record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+    score = val_loss
+    if cfg.train.select_by == "rougeL":
+        score = record["val_rougeL"] = validation_rouge_l(
+            adapted, tokenizer, data.tasks, cfg.generate.max_new_tokens, cfg.train.batch_size
+        )
+    improved = state.selection.update(score, state.step)
+    record["best"] = improved
+    metrics.write(record)
+    log.info("step %d: validation loss %.4f (ppl %.2f)%s", state.step, val_loss, record["val_ppl"],
+             f", ROUGE-L {score:.4f}" if cfg.train.select_by == "rougeL" else "")
+    if improved:
+        save_best(out / "best", adapted, {"step": state.step, cfg.train.select_by: score, "val_loss": val_loss}, info)
+    return state.selection.should_stop(cfg.train.early_stopping_patience)
+
+
+def adapter_metadata(cfg: RunConfig, tasks: list[TaskData], tokenizer: Any, added: list[str]) -> dict[str, Any]:
     """What `peftkit.json` records so every later command formats prompts as training did."""
-    return {
+    task = tasks[0]
+    meta = {
         "run_config": cfg.to_dict(),
         "prompt_format": task.format.to_dict(),
         "response_column": task.response,
@@ -263,20 +302,40 @@ def adapter_metadata(cfg: RunConfig, task: TaskData, tokenizer: Any) -> dict[str
         "chat_template": getattr(tokenizer, "chat_template", None),
         "base_model": builtin_origin(cfg.model),
     }
+    if len(tasks) > 1:
+        meta["tasks"] = {t.name: {"prompt_format": t.format.to_dict(), "response_column": t.response, "weight": t.weight} for t in tasks}
+    if added:
+        meta["added_tokens"] = added
+    return meta
 
 
-def save_result(cfg: RunConfig, adapted: AdaptedModel, tokenizer: Any, task: TaskData, out: Path) -> Path:
-    """The adapter (PEFT format + peftkit.json), or a full model folder for `method: full`."""
+def save_result(
+    cfg: RunConfig, adapted: AdaptedModel, tokenizer: Any, tasks: list[TaskData], out: Path,
+    info: Distributed = Distributed(), added: list[str] | None = None,
+) -> Path:
+    """The adapter (PEFT format + peftkit.json), or a full model folder for `method: full`.
+
+    Every rank gathers the weights (FSDP shards them); rank 0 writes. An adapter trained with added
+    tokens carries its tokenizer, so it loads on a fresh base.
+    """
     target = out / "adapter"
-    meta = adapter_metadata(cfg, task, tokenizer)
+    meta = adapter_metadata(cfg, tasks, tokenizer, added or [])
     if cfg.method == "full":
-        with atomic_dir(target) as tmp:
-            adapted.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "peftkit.json").write_text(json.dumps({"format_version": 1, "method": "full", **meta}, indent=2, default=str))
+        weights = {k: distributed.full_tensor(v) for k, v in adapted.model.state_dict().items()}
+        if info.is_main:
+            with atomic_dir(target) as tmp:
+                adapted.model.save_pretrained(tmp, state_dict=weights)
+                tokenizer.save_pretrained(tmp)
+                (tmp / "peftkit.json").write_text(json.dumps({"format_version": 1, "method": "full", **meta}, indent=2, default=str))
+        distributed.barrier(info)
         return target
-    adapted.save_adapter(target, ADAPTER_NAME, metadata=meta)
-    atomic_write_json(out / "summary.json", {"adapter": str(target), "trainable": adapted.trainable_report()})
+    tensors = adapted.adapter_state_dict(ADAPTER_NAME)
+    if info.is_main:
+        adapted.save_adapter(target, ADAPTER_NAME, metadata=meta, tensors=tensors)
+        if added:
+            tokenizer.save_pretrained(target)
+        atomic_write_json(out / "summary.json", {"adapter": str(target), "trainable": adapted.trainable_report()})
+    distributed.barrier(info)
     return target
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (ROUGE, BLEU, exact match), system comparisons, forgetting, sweeps and reports."""

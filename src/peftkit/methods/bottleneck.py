@@ -1,0 +1,123 @@
+"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2020): h + up(act(down(h))) on a sublayer's output.
+
+The adapter wraps the output projection of a sublayer (attention: o_proj / c_proj / o; feed-forward:
+down_proj / c_proj / wo), so it acts on that sublayer's output before the residual is added.
+Houlsby places one after the attention and one after the feed-forward block of every layer;
+Pfeiffer only after the feed-forward block. down: hidden -> hidden / reduction_factor, up: back;
+`up` starts at zero, so a fresh adapter is exactly the base model. The activation makes it
+non-linear: it cannot be merged into the weights.
+
+HF PEFT has no bottleneck adapters. Files keep PEFT's folder layout: adapter_config.json with
+`peft_type: PEFTKIT_BOTTLENECK` (PEFT refuses the unknown type instead of mis-loading it) and the
+settings in a `peftkit` section; tensors named `base_model.model.<path>.adapter_down.weight` etc.
+
+Example:
+    >>> adapted = attach(model, BottleneckConfig(placement="pfeiffer", reduction_factor=16))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BottleneckConfig
+from ..errors import ConfigError
+from .base import AdapterLayerMixin
+from .lora import linear_shape
+
+PEFT_TYPE = "PEFTKIT_BOTTLENECK"
+_LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
+SUBLAYER_OUTPUTS: dict[str, tuple[str, str]] = {  # model type -> (attention output, feed-forward output)
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "t5": ("SelfAttention.o", "DenseReluDense.wo"),
+    "mt5": ("SelfAttention.o", "DenseReluDense.wo"),
+}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class BottleneckAdapter(nn.Module, AdapterLayerMixin):
+    """A linear output projection (or Conv1D) with named bottleneck adapters applied to its output."""
+
+    adapter_attrs = ("adapter_down", "adapter_up", "adapter_activation")
+    merge_refusal = "a bottleneck adapter is non-linear (up(act(down(h)))); it cannot be folded into a weight"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.hidden_size = linear_shape(base_layer)[1]
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_activation = nn.ModuleDict()
+        self._init_adapter_state()
+
+    def add_adapter(self, name: str, config: BottleneckConfig) -> None:
+        width = max(1, self.hidden_size // config.reduction_factor)
+        device = self.base_layer.weight.device
+        self.adapter_down[name] = nn.Linear(self.hidden_size, width, device=device)  # kaiming-uniform, as nn.Linear
+        self.adapter_up[name] = nn.Linear(width, self.hidden_size, device=device)
+        nn.init.zeros_(self.adapter_up[name].weight)
+        nn.init.zeros_(self.adapter_up[name].bias)
+        self.adapter_activation[name] = ACTIVATIONS[config.activation]()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)  # (B, T, D)
+        name = self.active_adapter
+        if name is None:
+            return out
+        down = self.adapter_down[name]
+        update = self.adapter_up[name](self.adapter_activation[name](down(out.to(down.weight.dtype))))
+        return out + update.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        widths = {n: d.out_features for n, d in self.adapter_down.items()}
+        return f"hidden={self.hidden_size}, bottlenecks={widths}, active={self.active_adapter!r}"
+
+
+def sublayer_targets(model: nn.Module, placement: str) -> list[str]:
+    """Names (suffixes) of the output projections the placement adapts, for this architecture."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUBLAYER_OUTPUTS:
+        raise ConfigError(
+            f"bottleneck adapters know the sublayer outputs of {', '.join(SUBLAYER_OUTPUTS)}, not {model_type!r}; "
+            "use lora, or add the architecture to SUBLAYER_OUTPUTS in methods/bottleneck.py"
+        )
+    attention, feed_forward = SUBLAYER_OUTPUTS[model_type]
+    return [attention, feed_forward] if placement == "houlsby" else [feed_forward]
+
+
+def attach(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:
+    from ..inject import match_targets, wrap_module
+
+    paths = match_targets(model, sublayer_targets(model, config.placement))
+    for path in paths:
+        wrap_module(model, path, BottleneckAdapter).add_adapter(name, config)
+    return paths
+
+
+def to_peft_config(config: BottleneckConfig) -> dict[str, Any]:
+    return {
+        "peftkit": {
+            "method": "bottleneck", "placement": config.placement, "reduction_factor": config.reduction_factor,
+            "activation": config.activation,
+        }
+    }
+
+
+def model_keys(model: nn.Module, config: BottleneckConfig) -> dict[str, Any]:
+    """The adapted sublayer outputs, for readers of the file (placement decides them again on load)."""
+    return {"peftkit": {**to_peft_config(config)["peftkit"], "sublayers": sublayer_targets(model, config.placement)}}
+
+
+def from_peft_config(raw: dict[str, Any]) -> BottleneckConfig:
+    section = raw.get("peftkit")
+    if not isinstance(section, dict) or section.get("method") != "bottleneck":
+        raise ValueError("a PEFTKIT_BOTTLENECK adapter needs a `peftkit` section with method: bottleneck")
+    placement, activation = section.get("placement"), section.get("activation")
+    if placement not in ("houlsby", "pfeiffer") or activation not in ACTIVATIONS:
+        raise ValueError(f"placement {placement!r} / activation {activation!r} are not ones peftkit knows")
+    return BottleneckConfig(placement=placement, reduction_factor=int(section.get("reduction_factor")), activation=activation)

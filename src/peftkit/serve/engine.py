@@ -1,0 +1,292 @@
+"""One base model, many adapters: the registry, the request queue and the decode thread.
+
+A single worker thread owns the model. It takes batches from the queue and decodes them
+(`decode.decode_batch`); adapter loads, unloads and combinations take the same lock, so they
+happen between batches. With `merge=True` a single adapter is folded into the base weights
+(zero overhead, and nothing else can be served).
+
+Example:
+    >>> engine = Engine.from_paths("smollm2-135m", {"outcome": "runs/outcome/adapter"})
+    >>> engine.start()
+    >>> seq = engine.sequence("outcome", engine.encode_completion("outcome", "We study ..."), SamplingParams(temperature=0))
+    >>> engine.submit(seq)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence as Seq
+
+from torch import nn
+
+from ..adapters import AdaptedModel
+from ..combine import Combination, combine_adapters
+from ..data.templates import PromptFormat
+from ..errors import AdapterError, ModelError
+from ..inference import saved_format
+from ..models import is_seq2seq, load_model, resolve_device, resolve_dtype
+from .batching import BatchQueue
+from .decode import SamplingParams, Sequence, decode_batch
+from .prompts import RAW_FORMAT, chat_ids, completion_ids
+from .routing import RowRouting, enable_row_routing, routable
+from .security import check_adapter_files
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+MIXED = "__mixed__"
+"""Batch group of the base and every row-routable adapter."""
+
+
+class UnknownModel(AdapterError):
+    """A request names a model that is not served (answered with 404)."""
+
+
+class Conflict(AdapterError):
+    """A change the server's current state does not allow: name taken, adapter limit, merged model (409)."""
+
+
+@dataclass
+class ServedAdapter:
+    """An adapter the server answers for."""
+
+    format: PromptFormat
+    source: str
+    routable: bool
+
+
+class Engine:
+    """The served base model, its adapters, and the thread that decodes batches."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str, settings: ServeSettings | None = None) -> None:
+        if is_seq2seq(model):
+            raise ModelError("peftkit serve runs decoder-only (causal LM) models; this one is encoder-decoder")
+        self.settings = settings or ServeSettings()
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.merged: str | None = None
+        self.adapted: AdaptedModel | None = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+        self.model: nn.Module = self.adapted
+        self.model.eval()
+        self.adapters: dict[str, ServedAdapter] = {}
+        self.routing: RowRouting | None = None
+        self.queue = BatchQueue(self.settings.max_batch_size, self.settings.max_wait_ms)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "mixed_batches": 0}
+        """Counters shown on /health: decoded batches, their sequences, the largest, those mixing adapters."""
+        self._model_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def from_paths(
+        cls, model: str, adapters: Mapping[str, str | Path], settings: ServeSettings | None = None, merge: bool = False,
+        device: str = "auto", precision: str = "fp32", base_name: str | None = None,
+    ) -> "Engine":
+        """Load `model` and the named adapter folders (operator-given, so not confined to the adapter root)."""
+        if merge and len(adapters) != 1:
+            raise AdapterError(f"--merge serves exactly one adapter, {len(adapters)} given")
+        dev = resolve_device(device)
+        base, tokenizer = load_model(model, dtype=resolve_dtype(precision, dev), device=dev)
+        engine = cls(base, tokenizer, base_name or model, settings)
+        for name, path in adapters.items():
+            engine.load_adapter(name, Path(path))
+        if merge:
+            engine.merge_only(next(iter(adapters)))
+        return engine
+
+    def merge_only(self, name: str) -> None:
+        """Fold the one adapter into the base weights; afterwards only it is served."""
+        if self.adapted is None or set(self.adapters) != {name}:
+            raise AdapterError("merging needs exactly one loaded adapter")
+        with self._model_lock:
+            served = self.adapters[name]
+            self.model = self.adapted.merge_and_unload(name)
+            self.model.eval()
+            self.adapted, self.routing, self.merged = None, None, name
+            self.adapters = {name: ServedAdapter(served.format, served.source + " (merged)", True)}
+
+    # -- adapters ------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return ([] if self.merged else [self.base_name]) + list(self.adapters)
+
+    def _require_unmerged(self) -> AdaptedModel:
+        if self.adapted is None:
+            raise Conflict(f"the server runs adapter {self.merged!r} merged into the base (--merge); it cannot change adapters")
+        return self.adapted
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise AdapterError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
+        if name == self.base_name or name in self.adapters:
+            raise Conflict(f"a model named {name!r} is already served; unload it first or choose another name")
+        if len(self.adapters) >= self.settings.max_adapters:
+            raise Conflict(f"{len(self.adapters)} adapters are loaded, the limit is {self.settings.max_adapters}")
+
+    def load_adapter(self, name: str, folder: Path) -> ServedAdapter:
+        """Check and attach an adapter folder (safetensors only; every tensor's shape must fit the base)."""
+        adapted = self._require_unmerged()
+        self._check_new_name(name)
+        check_adapter_files(folder)
+        with self._model_lock:
+            meta = adapted.load_adapter(folder, name=name)  # checks keys, shapes and finiteness
+            adapted.set_adapter(None)
+            served = self._register(name, saved_format(meta), str(folder))
+        log.info("adapter %r loaded from %s (%s)", name, folder, "mixed batches" if served.routable else "own batches")
+        return served
+
+    def unload_adapter(self, name: str) -> None:
+        adapted = self._require_unmerged()
+        if name not in self.adapters:
+            raise UnknownModel(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        with self._model_lock:
+            adapted.delete_adapter(name)
+            del self.adapters[name]
+        log.info("adapter %r unloaded", name)
+
+    def combine(self, name: str, sources: Seq[str], weights: Seq[float], how: Combination, rank: int | None = None) -> ServedAdapter:
+        """Serve a new adapter made from a weighted combination of loaded ones (prompt format of the first)."""
+        adapted = self._require_unmerged()
+        self._check_new_name(name)
+        missing = [s for s in sources if s not in self.adapters]
+        if missing:
+            raise UnknownModel(f"no adapter named {missing[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        with self._model_lock:
+            combine_adapters(adapted, list(sources), list(weights), name, how=how, rank=rank)
+            adapted.set_adapter(None)
+            source = f"{how} of " + ", ".join(f"{w:g}*{s}" for s, w in zip(sources, weights))
+            return self._register(name, self.adapters[sources[0]].format, source)
+
+    def _register(self, name: str, fmt: PromptFormat, source: str) -> ServedAdapter:
+        assert self.adapted is not None
+        self.routing = enable_row_routing(self.adapted, self.routing)
+        served = ServedAdapter(fmt, source, routable(self.adapted, name))
+        self.adapters[name] = served
+        return served
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base); unknown names raise UnknownModel."""
+        if model in self.adapters:
+            return model
+        if model == self.base_name and not self.merged:
+            return None
+        raise UnknownModel(f"model {model!r} is not served; available: {', '.join(self.model_names())}")
+
+    # -- requests -------------------------------------------------------------------------------
+    def _format(self, adapter: str | None) -> PromptFormat:
+        return RAW_FORMAT if adapter is None else self.adapters[adapter].format
+
+    def encode_completion(self, adapter: str | None, prompt: str) -> list[int]:
+        with self._tokenizer_lock:
+            return completion_ids(self.tokenizer, self._format(adapter), prompt)
+
+    def encode_chat(self, adapter: str | None, messages: Seq[Mapping[str, str]]) -> list[int]:
+        fmt = self._format(adapter) if adapter is not None else PromptFormat(chat=True)
+        with self._tokenizer_lock:
+            return chat_ids(self.tokenizer, fmt, messages)
+
+    def decode(self, tokens: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; its events arrive through `seq.on_event` from the decode thread."""
+        served = self.adapters.get(seq.adapter) if seq.adapter is not None else None
+        routed = seq.adapter is None or (served is not None and served.routable)
+        self.queue.put(seq, MIXED if routed and not self.merged else seq.adapter)
+
+    # -- the decode thread ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is None:
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._work, name="peftkit-decode", daemon=True)
+            self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.close()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            self._worker = None
+        for seq in self.queue.drain():
+            seq.fail(503, "the server is shutting down")
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            batch = self.queue.next_batch(timeout=0.5)
+            if batch:
+                self.run_batch(batch)
+
+    def run_batch(self, batch: list[Sequence]) -> None:
+        """Decode one batch (under the model lock); a failure fails its requests, not the server."""
+        with self._model_lock:
+            live = []
+            for seq in batch:
+                if seq.adapter is not None and seq.adapter not in self.adapters:
+                    seq.fail(404, f"adapter {seq.adapter!r} was unloaded before the request ran")
+                elif not seq.cancelled.is_set():
+                    live.append(seq)
+            if not live:
+                return
+            self._count(live)
+            try:
+                with self._adapter_mode(live):
+                    decode_batch(self.model, live, self.tokenizer.pad_token_id, self.eos_ids, self.decode, self._batch_routing(live))
+            except Exception as exc:  # a bug or an out-of-memory: report it to these requests and keep serving
+                log.exception("decoding a batch of %d failed", len(live))
+                for seq in live:
+                    if not seq.done:
+                        seq.fail(500, f"generation failed: {type(exc).__name__}")
+
+    def _count(self, batch: list[Sequence]) -> None:
+        self.stats["batches"] += 1
+        self.stats["sequences"] += len(batch)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        self.stats["mixed_batches"] += len({s.adapter for s in batch}) > 1
+
+    def _batch_routing(self, batch: list[Sequence]) -> RowRouting | None:
+        """Per-row routing for a mixed batch; None for the base alone, a merged model or a non-routable adapter."""
+        adapters = {s.adapter for s in batch} - {None}
+        if self.adapted is None or not adapters or not all(self.adapters[a].routable for a in adapters):
+            return None
+        return self.routing
+
+    @contextmanager
+    def _adapter_mode(self, batch: list[Sequence]) -> Iterator[None]:
+        """A batch of one non-routable adapter runs with that adapter active; mixed batches route per row."""
+        name = batch[0].adapter
+        if self.adapted is None or name is None or self.adapters[name].routable:
+            yield
+            return
+        self.adapted.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.adapted.set_adapter(None)
+
+    def sequence(self, model: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A sequence for `model` (a served name), checked against the prompt and token limits."""
+        adapter = self.resolve(model)
+        limits = self.settings
+        if len(prompt_ids) > limits.max_prompt_tokens:
+            raise AdapterError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise AdapterError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.context_length}"
+            )
+        return Sequence(prompt_ids=prompt_ids, adapter=adapter, params=params)
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return ids
+

@@ -1,0 +1,69 @@
+"""`peftkit serve`: parse `--adapter name=PATH`, build the engine, run uvicorn.
+
+Example:
+    >>> run_server("smollm2-135m", parse_adapter_specs(["outcome=runs/outcome/adapter"]), ServeSettings())
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from ..adapters import read_adapter_config
+from ..errors import AdapterError, ConfigError
+from .app import create_app
+from .engine import Engine
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
+    """`["outcome=runs/a/adapter", ...]` -> {"outcome": Path(...)}; names must be unique identifiers."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=PATH, e.g. --adapter outcome=runs/outcome/adapter")
+        if not name.isidentifier():
+            raise ConfigError(f"--adapter {spec!r}: the name {name!r} must be a Python identifier (letters, digits, _)")
+        if name in adapters:
+            raise ConfigError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def base_of(adapters: dict[str, Path]) -> str:
+    """The base model recorded by the first adapter (what `--model` defaults to)."""
+    if not adapters:
+        raise ConfigError("give --model NAME, or at least one --adapter NAME=PATH whose base is recorded")
+    _, raw = read_adapter_config(next(iter(adapters.values())))
+    if not raw.get("base_model_name_or_path"):
+        raise AdapterError("the first adapter records no base model; pass --model")
+    return str(raw["base_model_name_or_path"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(
+    model: str | None, adapters: dict[str, Path], settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+    merge: bool = False, device: str = "auto", precision: str = "fp32", base_name: str | None = None,
+) -> None:
+    """Load everything, then serve until interrupted."""
+    import uvicorn
+
+    if not is_loopback(host) and settings.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach the port can use it (set PEFTKIT_API_KEY)", host)
+    model = model or base_of(adapters)
+    engine = Engine.from_paths(model, adapters, settings, merge=merge, device=device, precision=precision, base_name=base_name)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(engine.model_names()), host, port)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

@@ -1,0 +1,122 @@
+"""A real uvicorn on 127.0.0.1 (random free port), called by the real `openai` client; a bounded load test."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from peftkit.serve import Engine, ServeSettings, create_app
+from serving_helpers import PROMPTS, save_all, single_thread  # noqa: F401 (autouse fixture)
+
+KEY = "http-test-key"
+MODELS = ["tiny", "outcome", "challenge"]
+
+
+@pytest.fixture(scope="module")
+def url(model_dirs, tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    folders = save_all(root, len(tokenizer))
+    settings = ServeSettings(api_key=KEY, adapter_root=root, max_batch_size=8, max_wait_ms=5, max_concurrent=64)
+    engine = Engine.from_paths(
+        str(model_dirs["llama"]), {n: folders[n] for n in MODELS[1:]}, settings, device="cpu", base_name="tiny"
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):  # bounded wait for startup (10 s)
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=15)
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture()
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_lists_models_and_completes(client):
+    assert [m.id for m in client.models.list()] == MODELS
+    texts = {}
+    for model in MODELS:
+        completion = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert completion.usage.completion_tokens >= 1
+        texts[model] = completion.choices[0].text
+    assert len(set(texts.values())) == 3
+    streamed = client.completions.create(model="outcome", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == texts["outcome"]
+
+
+def test_openai_client_chat_streaming(client):
+    messages = [{"role": "user", "content": "What did the paper find?"}]
+    whole = client.chat.completions.create(model="challenge", messages=messages, max_tokens=6, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="challenge", messages=messages, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_openai_client_sees_typed_errors(client, url):
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.completions.create(model="ghost", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_concurrent_requests_for_different_adapters_share_batches(client, url):
+    jobs = [(MODELS[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(8)]
+    alone = [client.completions.create(model=m, prompt=p, max_tokens=8, temperature=0).choices[0].text for m, p in jobs]
+    before = httpx.get(f"{url}/health").json()
+
+    async def together() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60) as aclient:
+            calls = [aclient.completions.create(model=m, prompt=p, max_tokens=8, temperature=0) for m, p in jobs]
+            return [r.choices[0].text for r in await asyncio.gather(*calls)]
+
+    assert asyncio.run(together()) == alone
+    after = httpx.get(f"{url}/health").json()
+    assert after["mixed_batches"] > before["mixed_batches"]
+    assert after["batches"] - before["batches"] < len(jobs), "concurrent requests must be batched"
+
+
+def test_admin_load_over_http(client, url):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/admin/adapters", json={"name": "approach", "path": "approach"}, headers=headers)
+    assert r.status_code == 201, r.text
+    assert client.completions.create(model="approach", prompt="We", max_tokens=3, temperature=0).choices
+    assert httpx.delete(f"{url}/admin/adapters/approach", headers=headers).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="approach", prompt="We", max_tokens=3)
+
+
+def test_load_1000_requests_16_at_a_time_without_errors(url):
+    async def load() -> tuple[int, list[BaseException]]:
+        gate = asyncio.Semaphore(16)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60) as aclient:
+            async def one(i: int) -> int:
+                async with gate:
+                    r = await aclient.completions.create(model=MODELS[i % 3], prompt=PROMPTS[i % len(PROMPTS)], max_tokens=3, temperature=0)
+                    return len(r.choices)
+            results = await asyncio.gather(*(one(i) for i in range(1000)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        return sum(r for r in results if isinstance(r, int)), errors
+
+    answered, errors = asyncio.run(load())
+    assert errors == [] and answered == 1000
