@@ -13,6 +13,7 @@ random, non-zero B (speed does not depend on training). Each mode: one warm-up b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -58,85 +59,88 @@ def make_adapters(base: torch.nn.Module, root: Path) -> dict[str, Path]:
     return folders
 
 
-def timed(run_batch: Callable[[], None], repeats: int) -> list[float]:
-    run_batch()  # warm-up
-    times = []
+def interleaved(runs: dict[tuple[str, str], Callable[[], None]], repeats: int) -> dict[tuple[str, str], list[float]]:
+    """Warm every mode up once, then time them round-robin, so a change in the machine's load hits all alike."""
+    for run in runs.values():
+        run()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run_batch()
-        times.append(time.perf_counter() - start)
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
     return times
 
 
 # -- peftkit -------------------------------------------------------------------------------------
-def peftkit_modes(model_name: str, folders: dict[str, Path], prompts: list[list[int]], new_tokens: int, repeats: int):
+def peftkit_runs(model_name: str, folders: dict[str, Path], prompts: list[list[int]], new_tokens: int, outputs: dict):
+    """Mode -> one batch through peftkit's engine (a second engine holds the merged adapter)."""
     from peftkit.models import load_model
     from peftkit.serve import Engine, SamplingParams, ServeSettings
 
-    base, tokenizer = load_model(model_name)
-    engine = Engine(base, tokenizer, model_name, ServeSettings(max_batch_size=len(prompts)))
-    for name, folder in folders.items():
-        engine.load_adapter(name, folder)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    outputs: dict[str, list[list[int]]] = {}
+    def engine_with(names: list[str]) -> Engine:
+        base, tokenizer = load_model(model_name)
+        engine = Engine(base, tokenizer, model_name, ServeSettings(max_batch_size=len(prompts)))
+        for name in names:
+            engine.load_adapter(name, folders[name])
+        return engine
 
-    def batch(mode: str, models: list[str]) -> Callable[[], None]:
+    engine, merged = engine_with(ADAPTERS), engine_with(ADAPTERS[:1])
+    merged.merge_only(ADAPTERS[0])
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    def batch(mode: str, on: Engine, models: list[str]) -> Callable[[], None]:
         def run() -> None:
-            seqs = [engine.sequence(m, list(p), params) for m, p in zip(models, prompts)]
-            engine.run_batch(seqs)
+            seqs = [on.sequence(m, list(p), params) for m, p in zip(models, prompts)]
+            on.run_batch(seqs)
             outputs[mode] = [s.tokens for s in seqs]
         return run
 
-    mix = [ADAPTERS[i % 4] for i in range(len(prompts))]
-    results = {
-        "base only": timed(batch("base only", [model_name] * len(prompts)), repeats),
-        "one adapter, unmerged": timed(batch("one adapter, unmerged", [ADAPTERS[0]] * len(prompts)), repeats),
-        "mix of four adapters": timed(batch("mix of four adapters", mix), repeats),
+    n = len(prompts)
+    return {
+        "base only": batch("base only", engine, [model_name] * n),
+        "one adapter, merged": batch("one adapter, merged", merged, [ADAPTERS[0]] * n),
+        "one adapter, unmerged": batch("one adapter, unmerged", engine, [ADAPTERS[0]] * n),
+        "mix of four adapters": batch("mix of four adapters", engine, [ADAPTERS[i % 4] for i in range(n)]),
     }
-    for name in ADAPTERS[1:]:
-        engine.unload_adapter(name)
-    engine.merge_only(ADAPTERS[0])
-    results["one adapter, merged"] = timed(batch("one adapter, merged", [ADAPTERS[0]] * len(prompts)), repeats)
-    return results, outputs
 
 
 # -- HF PEFT -------------------------------------------------------------------------------------
-def peft_modes(model_name: str, folders: dict[str, Path], prompts: list[list[int]], new_tokens: int, repeats: int):
+def peft_runs(model_name: str, folders: dict[str, Path], prompts: list[list[int]], new_tokens: int, outputs: dict):
+    """Mode -> one batch through PeftModel.generate (a second PeftModel holds the merged adapter)."""
     from peft import PeftModel
 
     from peftkit.generate import left_pad
     from peftkit.models import load_model
 
-    base, tokenizer = load_model(model_name)
-    model = PeftModel.from_pretrained(base, str(folders[ADAPTERS[0]]), adapter_name=ADAPTERS[0])
-    for name in ADAPTERS[1:]:
-        model.load_adapter(str(folders[name]), adapter_name=name)
-    model.eval()
+    def peft_with(names: list[str]) -> PeftModel:
+        base, _ = load_model(model_name)
+        model = PeftModel.from_pretrained(base, str(folders[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(folders[name]), adapter_name=name)
+        model.set_adapter(names[0])
+        return model.eval()
+
+    model, merged = peft_with(ADAPTERS), peft_with(ADAPTERS[:1])
+    merged.merge_adapter([ADAPTERS[0]])  # still wrapped by PEFT, as a PEFT deployment keeps it
+    _, tokenizer = load_model(model_name)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    outputs: dict[str, list[list[int]]] = {}
 
-    def batch(mode: str, **extra) -> Callable[[], None]:
+    def batch(mode: str, on: PeftModel, base: bool = False, **extra) -> Callable[[], None]:
         @torch.no_grad()
         def run() -> None:
-            outputs[mode] = model.generate(**kwargs, **extra)[:, ids.shape[1]:].tolist()
+            with on.disable_adapter() if base else contextlib.nullcontext():
+                outputs[mode] = on.generate(**kwargs, **extra)[:, ids.shape[1]:].tolist()
         return run
 
-    def base_run() -> None:
-        with model.disable_adapter():
-            batch("base only")()
-
-    mix = [ADAPTERS[i % 4] for i in range(len(prompts))]
-    model.set_adapter(ADAPTERS[0])
-    results = {
-        "base only": timed(base_run, repeats),
-        "one adapter, unmerged": timed(batch("one adapter, unmerged"), repeats),
-        "mix of four adapters": timed(batch("mix of four adapters", adapter_names=mix), repeats),
+    return {
+        "base only": batch("base only", model, base=True),
+        "one adapter, merged": batch("one adapter, merged", merged),
+        "one adapter, unmerged": batch("one adapter, unmerged", model),
+        "mix of four adapters": batch("mix of four adapters", model, adapter_names=[ADAPTERS[i % 4] for i in range(len(prompts))]),
     }
-    model.merge_adapter([ADAPTERS[0]])  # still wrapped by PEFT: what a PEFT deployment keeps
-    results["one adapter, merged"] = timed(batch("one adapter, merged"), repeats)
-    return results, outputs
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -153,46 +157,63 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
-def row(mode: str, times: list[float], batch: int, new_tokens: int, base_tps: float) -> str:
+HEADER = ("| mode | tokens/s (median) | tokens/s (best) | requests/s | latency (s, median) | latency range (s) | time vs base |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+ORDER = ["base only", "one adapter, merged", "one adapter, unmerged", "mix of four adapters"]
+
+
+def row(mode: str, times: list[float], base_times: list[float], batch: int, new_tokens: int) -> str:
     latency = statistics.median(times)
-    tps = batch * new_tokens / latency
-    return f"| {mode} | {tps:.0f} | {batch / latency:.2f} | {latency:.2f} | {min(times):.2f}–{max(times):.2f} | {tps / base_tps:.2f}× |"
+    return (f"| {mode} | {batch * new_tokens / latency:.1f} | {batch * new_tokens / min(times):.1f} | {batch / latency:.2f} "
+            f"| {latency:.2f} | {min(times):.2f}–{max(times):.2f} | {latency / statistics.median(base_times):.2f}× |")
+
+
+def overhead(times: dict[str, list[float]], mode: str) -> str:
+    """`mode`'s batch time over the base's (median, and best-of), and whether the two ranges overlap."""
+    base, other = times["base only"], times[mode]
+    overlap = min(other) <= max(base) and min(base) <= max(other)
+    return (f"**{statistics.median(other) / statistics.median(base):.2f}×** (best-of: {min(other) / min(base):.2f}×"
+            f"{'; the ranges overlap, so within noise' if overlap else ''})")
+
+
+def stack_section(title: str, note: str, times: dict[str, list[float]], batch: int, n: int) -> list[str]:
+    return [f"## {title}", "", note, "", HEADER, *[row(m, times[m], times["base only"], batch, n) for m in ORDER], ""]
 
 
 def write_report(out: Path, args: argparse.Namespace, ours: dict, theirs: dict | None, agree: dict, loads: tuple, seconds: float) -> str:
     batch, n = args.batch_size, args.new_tokens
-    header = "| mode | generated tokens/s | requests/s | latency (s, median) | latency range (s) | vs base |\n|---|---:|---:|---:|---:|---:|"
-    order = ["base only", "one adapter, merged", "one adapter, unmerged", "mix of four adapters"]
-    tps = {k: batch * n / statistics.median(v) for k, v in ours.items()}
+    threads = f" --threads {args.threads}" if args.threads else ""
     lines = [
         "# Serving benchmark: one base, many adapters", "",
-        f"Command: `nice -n 10 python benchmarks/bench_serve.py --batch-size {batch} --new-tokens {n} --repeats {args.repeats}`", "",
+        f"Command: `nice -n 10 python benchmarks/bench_serve.py --batch-size {batch} --new-tokens {n} --repeats {args.repeats}{threads}`", "",
         f"Machine: {machine()}. Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all.", "",
         f"**Noisy numbers**: the machine was shared with other engineers' jobs during the run (1-minute load average "
-        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end, on {os.cpu_count()} cores). Compare rows within a run, not across runs.", "",
+        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end, on {os.cpu_count()} cores), and this run was niced. "
+        "Absolute speeds are far below what the CPU does alone; the modes were timed round-robin so load changes hit "
+        "them alike: compare rows within this run, not with other runs.", "",
         f"Workload: SmolLM2-135M (`{args.model}`), fp32, batch {batch}, greedy, exactly {n} new tokens per request "
-        "(EOS ignored), the same 8 prompts (token ids) for every mode and both stacks; four LoRA r16 adapters on q,v "
-        f"with random non-zero B. One warm-up batch, then {args.repeats} timed batches per mode; a batch's requests all "
-        "arrive together, so latency = batch wall time.", "",
-        "## peftkit serve engine (KV-cache decode loop, row-routed LoRA)", "", header,
-        *[row(m, ours[m], batch, n, tps["base only"]) for m in order], "",
+        f"(EOS ignored), the same {batch} prompts (token ids) for every mode and both stacks; four LoRA r16 adapters on q,v "
+        f"with random non-zero B. One warm-up batch per mode, then {args.repeats} timed rounds; a batch's requests all "
+        "arrive together, so a request's latency = its batch's wall time.", "",
+        *stack_section("peftkit serve engine (KV-cache decode loop, row-routed LoRA)",
+                       "Merged: `--merge` (the adapter folded into the weights, plain layers); mix: the rows use adapters 0, 1, 2, 3, 0, 1, ... in one batch.",
+                       ours, batch, n),
     ]
     if theirs is not None:
-        their_tps = batch * n / statistics.median(theirs["base only"])
-        lines += ["## HF PEFT 0.21 + transformers generate (same token ids)", "",
-                  "Mix: `generate(adapter_names=[...])`; merged: `merge_adapter()` with the PEFT wrapper kept; base: `disable_adapter()`.", "",
-                  header, *[row(m, theirs[m], batch, n, their_tps) for m in order], "",
-                  "Greedy agreement, peftkit vs PEFT (rows equal up to the first EOS): "
-                  + ", ".join(f"{m}: {agree[m]}/{batch}" for m in order), ""]
-    overhead = tps["base only"] / tps["mix of four adapters"]
+        lines += stack_section("HF PEFT 0.21 + transformers generate (same token ids)",
+                               "Mix: `generate(adapter_names=[...])`; merged: `merge_adapter()` with the PEFT wrapper kept; base: `disable_adapter()`.",
+                               theirs, batch, n)
+        lines += ["Greedy agreement, peftkit vs PEFT (rows equal up to the first EOS): "
+                  + ", ".join(f"{m}: {agree[m]}/{batch}" for m in ORDER), ""]
     lines += ["## Closing note", "",
-              f"Mixed-batch overhead (peftkit): base-only throughput / four-adapter-mix throughput = **{overhead:.2f}×** "
-              f"(the mix runs at {1 / overhead:.2f}× the base's tokens/s). One unmerged adapter: "
-              f"{tps['base only'] / tps['one adapter, unmerged']:.2f}×; merged: {tps['base only'] / tps['one adapter, merged']:.2f}×."]
+              f"Mixed-batch overhead (peftkit, four adapters in one batch vs the base alone, batch time ratio): "
+              f"{overhead(ours, 'mix of four adapters')}. One unmerged adapter: {overhead(ours, 'one adapter, unmerged')}; "
+              f"merged: {overhead(ours, 'one adapter, merged')}."]
     if theirs is not None:
-        their = {k: batch * n / statistics.median(v) for k, v in theirs.items()}
-        lines.append(f"HF PEFT: mix overhead {their['base only'] / their['mix of four adapters']:.2f}×; peftkit's mix vs PEFT's mix: "
-                     f"{tps['mix of four adapters'] / their['mix of four adapters']:.2f}× the tokens/s.")
+        lines.append(f"HF PEFT on the same batches: mix {overhead(theirs, 'mix of four adapters')}; "
+                     f"unmerged {overhead(theirs, 'one adapter, unmerged')}; merged (wrapped) {overhead(theirs, 'one adapter, merged')}. "
+                     f"peftkit's mix vs PEFT's mix: {statistics.median(theirs['mix of four adapters']) / statistics.median(ours['mix of four adapters']):.2f}× "
+                     "the speed (median batch times).")
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
@@ -204,10 +225,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); 1 avoids OpenMP spin-waits on a busy shared CPU.")
     parser.add_argument("--no-peft", action="store_true", help="Skip the HF PEFT columns.")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-serving.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from peftkit.models import load_model
 
     start, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -217,11 +241,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(base, Path(tmp))
         del base
-        ours, our_tokens = peftkit_modes(args.model, folders, prompts, args.new_tokens, args.repeats)
-        theirs, agree = None, {}
+        our_tokens: dict = {}
+        their_tokens: dict = {}
+        runs = {("peftkit", m): r for m, r in peftkit_runs(args.model, folders, prompts, args.new_tokens, our_tokens).items()}
         if not args.no_peft:
-            theirs, their_tokens = peft_modes(args.model, folders, prompts, args.new_tokens, args.repeats)
-            agree = {m: agreement(our_tokens[m], their_tokens[m], tokenizer.eos_token_id) for m in our_tokens}
+            runs.update({("peft", m): r for m, r in peft_runs(args.model, folders, prompts, args.new_tokens, their_tokens).items()})
+        times = interleaved(runs, args.repeats)
+    ours = {m: t for (stack, m), t in times.items() if stack == "peftkit"}
+    theirs = {m: t for (stack, m), t in times.items() if stack == "peft"} or None
+    agree = {m: agreement(our_tokens[m], their_tokens[m], tokenizer.eos_token_id) for m in their_tokens}
     text = write_report(args.out, args, ours, theirs, agree, (load_start, os.getloadavg()[0]), time.perf_counter() - start)
     sys.stdout.write(text)
 

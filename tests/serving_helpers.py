@@ -32,11 +32,13 @@ PROMPTS = [
 
 def save_adapter(
     folder: Path, vocab: int, rank: int, targets: Sequence[str], seed: int, kind: str = "llama",
-    template: str = TEMPLATE, modules_to_save: Sequence[str] = (),
+    template: str = TEMPLATE, modules_to_save: Sequence[str] = (), use_dora: bool = False,
 ) -> Path:
     """An adapter on the seed-0 tiny base with random (non-zero) weights, saved with its prompt format."""
     adapted = AdaptedModel(build_model(kind, vocab))
-    config = LoraConfig(r=rank, alpha=2 * rank, dropout=0.0, target_modules=list(targets), modules_to_save=list(modules_to_save))
+    config = LoraConfig(
+        r=rank, alpha=2 * rank, dropout=0.0, target_modules=list(targets), modules_to_save=list(modules_to_save), use_dora=use_dora
+    )
     adapted.add_adapter("default", config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -178,6 +178,7 @@ MALFORMED = [
     b'{"model": "nope", "prompt": "x"}', b'{"model": "", "prompt": "x"}', b'\xff\xfe{"model"', b'{"model": "outcome", "prompt": "\\ud800"}',
     b"[" * 100000 + b"]" * 100000, b'{"model": "outcome", "prompt": {"a": 1}}', b'{"model": ["outcome"], "prompt": "x"}',
     b'{"model": "outcome", "prompt": "x", "stream_options": 3}', b'{"model": "outcome", "prompt": "x", "max_tokens": 0}',
+    b'{"model": "outcome", "prompt": "x", "seed": 123456789012345678901234567890}', b'{"model": "outcome", "prompt": "x", "seed": -1}',
 ]
 MALFORMED_CHAT = [
     b'{"model": "outcome"}', b'{"model": "outcome", "messages": []}', b'{"model": "outcome", "messages": "hi"}',
@@ -202,6 +203,11 @@ def test_malformed_bodies_get_a_json_4xx_naming_the_problem(client, url, bodies)
         assert 400 <= r.status_code < 500, (body[:80], r.status_code, r.text)
         error = r.json()["error"]
         assert error["message"] and error["type"], body[:80]
+
+
+def test_extreme_but_valid_sampling_values_answer(client):
+    for extra in ({"temperature": 1e-300}, {"temperature": 2, "top_p": 1e-300, "seed": 2**63 - 1}, {"stop": ["\n", "x" * 256]}):
+        assert complete(client, **extra).status_code == 200, extra
 
 
 def test_unknown_routes_and_methods_are_json_errors(client):

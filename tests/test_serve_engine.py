@@ -90,13 +90,14 @@ def test_routed_logits_match_the_plain_lora_path(kind, targets, tmp_path, tokeni
         assert not torch.allclose(mixed[0], adapted(input_ids=ids[:1]).logits[0], atol=1e-3)
 
 
-def test_adapter_with_modules_to_save_gets_its_own_batches(engine, tmp_path, tokenizer, folders):
-    folder = save_adapter(tmp_path / "head", len(tokenizer), 4, ["q_proj"], seed=9, modules_to_save=["lm_head"])
+@pytest.mark.parametrize("options", [{"modules_to_save": ["lm_head"]}, {"use_dora": True}], ids=["modules_to_save", "dora"])
+def test_adapters_that_cannot_be_row_routed_get_their_own_batches(engine, tmp_path, tokenizer, options):
+    folder = save_adapter(tmp_path / "head", len(tokenizer), 4, ["q_proj"], seed=9, **options)
     engine.load_adapter("head", folder)
     assert not routable(engine.adapted, "head") and routable(engine.adapted, "outcome")
-    engine.submit(engine.sequence("outcome", [5, 6, 7], GREEDY))
-    engine.submit(engine.sequence("head", [5, 6, 7], GREEDY))
-    engine.submit(engine.sequence("base", [5, 6, 7], GREEDY))
+    for model in ("outcome", "head", "base"):
+        seq = engine.sequence(model, [5, 6, 7], GREEDY)
+        engine.queue.put(seq, engine.batch_group(seq))
     first = engine.queue.next_batch(timeout=1)
     second = engine.queue.next_batch(timeout=1)
     assert [s.adapter for s in first] == ["outcome", None] and [s.adapter for s in second] == ["head"]
@@ -181,6 +182,19 @@ def test_batch_queue_groups_up_to_the_batch_size():
     assert queue.next_batch(timeout=1) == [seqs[4]]
     assert queue.next_batch(timeout=1) == [seqs[5]]
     assert queue.next_batch(timeout=0.01) == []
+    events = []
+    late = Sequence(prompt_ids=[1], adapter=None, params=GREEDY, on_event=events.append)
+    queue.close()
+    queue.put(late, "mixed")
+    assert events[0].error[0] == 503 and queue.next_batch(timeout=0.01) == []
+
+
+def test_a_stopped_engine_answers_503_instead_of_hanging(engine):
+    events = []
+    seq = engine.sequence("base", [5, 6], GREEDY)
+    seq.on_event = events.append
+    engine.submit(seq)
+    assert events[0].error == (503, "the decode thread is not running (Engine.start(), or the app's lifespan, starts it)")
 
 
 def test_combined_adapter_is_served(engine):
@@ -204,3 +218,13 @@ def test_adapter_from_another_base_is_refused(engine, tmp_path, tokenizer):
         engine.load_adapter("other", tmp_path / "other")
     assert "other" not in engine.model_names()
     assert all("other" not in m.lora_A for m in engine.adapted.modules() if isinstance(m, RoutedLoraLinear))
+
+
+def test_a_reused_name_serves_the_new_weights(engine, folders):
+    mix = ["outcome", "challenge", None]
+    before = run(engine, mix, PROMPTS[:3])
+    engine.unload_adapter("outcome")
+    engine.load_adapter("outcome", folders["approach"])  # same name, other weights
+    after = run(engine, mix, PROMPTS[:3])
+    assert after[0] == run(engine, ["approach"], PROMPTS[:1])[0] != before[0]
+    assert after[1:] == before[1:]

@@ -308,6 +308,39 @@ def combine(
     console.print(f"combined adapter (rank {config.r}, {how}) written to [cyan]{path}[/]")
 
 
+@app.command()
+def estimate(
+    model: Optional[str] = typer.Argument(None, help="Model (default: the config's, smollm2-135m)."),
+    method: str = typer.Option("full,lora,qlora", "--method", help="One method or a comma-separated list: full,lora,qlora,..."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config to start from."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set lora.r=8 (repeatable)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Assume batches of this length (a quarter of it "
+                                          "targets) instead of tokenizing the config's data."),
+) -> None:
+    """Estimate training memory (weights, gradients, optimizer states, activations) before training."""
+    from .config import load_config
+    from .estimate import BatchShape, estimate_memory
+
+    estimates = []
+    for name in [m.strip() for m in method.split(",") if m.strip()]:
+        cfg = load_config(config, [*set_, f"method={name}", *([f"model={model}"] if model else [])])
+        rows = cfg.train.micro_batch_size or cfg.train.batch_size
+        batches = [BatchShape(rows, seq_len, rows * seq_len // 4)] if seq_len else None
+        estimates.append(estimate_memory(cfg, batches))
+    table = Table(title=f"estimated training memory, {estimates[0].batch.rows} x {estimates[0].batch.length} tokens per forward")
+    table.add_column("GiB")
+    for est in estimates:
+        table.add_column(est.method, justify="right")
+    for i, (label, _) in enumerate(estimates[0].rows()):
+        table.add_row(label, *[f"{est.rows()[i][1] / 2**30:.2f}" for est in estimates])
+    table.add_row("[bold]total", *[f"[bold]{est.total / 2**30:.2f}" for est in estimates])
+    table.add_row("trainable parameters", *[f"{est.trainable_params:,d}" for est in estimates])
+    table.add_row("training state / 16-bit weights", *[f"{est.state_vs_weights:.1f}x" for est in estimates])
+    console.print(table)
+    console.print("full fine-tuning keeps a gradient and two Adam states for every weight, plus the activations of "
+                  "every layer's input: 12-20x the 16-bit weights in the source material's rule of thumb")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

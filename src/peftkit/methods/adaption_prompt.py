@@ -80,8 +80,9 @@ class AdaptedAttention(nn.Module, AdapterLayerMixin):
         self._init_adapter_state()
 
     def add_adapter(self, name: str, adapter_len: int, hidden_size: int) -> None:
-        self.adaption_prompt[name] = nn.Parameter(torch.randn(1, adapter_len, hidden_size))  # PEFT: N(0, 1)
-        self.adaption_gate[name] = nn.Parameter(torch.zeros(1))  # zero-init: a fresh adapter changes nothing
+        device = next(self.base_layer.parameters()).device
+        self.adaption_prompt[name] = nn.Parameter(torch.randn(1, adapter_len, hidden_size, device=device))  # PEFT: N(0, 1)
+        self.adaption_gate[name] = nn.Parameter(torch.zeros(1, device=device))  # zero-init: a fresh adapter changes nothing
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)

@@ -58,7 +58,8 @@ class PrefixEmbedding(nn.Module, AdapterLayerMixin):
         self._init_adapter_state()
 
     def add_adapter(self, name: str, prefix: torch.Tensor, shape: tuple[int, int, int]) -> None:
-        self.prefix_embeddings[name] = nn.Parameter(prefix.detach().float().clone())
+        device = self.base_layer.weight.device
+        self.prefix_embeddings[name] = nn.Parameter(prefix.detach().to(device, torch.float32).clone())
         self.kv_shapes[name] = shape
 
     def remove_adapter(self, name: str) -> None:

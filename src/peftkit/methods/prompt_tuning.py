@@ -100,7 +100,8 @@ class SoftPromptEmbedding(nn.Module, AdapterLayerMixin):
         self._init_adapter_state()
 
     def add_adapter(self, name: str, prompt: torch.Tensor) -> None:
-        self.prompt_embeddings[name] = nn.Parameter(prompt.detach().float().clone())
+        device = self.base_layer.weight.device
+        self.prompt_embeddings[name] = nn.Parameter(prompt.detach().to(device, torch.float32).clone())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base_layer(input_ids)

@@ -35,14 +35,21 @@ class BatchQueue:
 
     def put(self, seq: Sequence, group: Hashable) -> None:
         with self._ready:
+            if self._closed:
+                seq.fail(503, "the server is shutting down")
+                return
             self._items.append((group, time.monotonic(), seq))
             self._ready.notify()
 
     def close(self) -> None:
-        """Wake the consumer for good (shutdown)."""
+        """Refuse new requests and wake the consumer (shutdown)."""
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+
+    def reopen(self) -> None:
+        with self._ready:
+            self._closed = False
 
     def next_batch(self, timeout: float) -> list[Sequence]:
         """The next batch, or [] after `timeout` seconds with nothing queued (or once closed).

@@ -26,13 +26,17 @@ from ..generate import left_pad
 from .routing import RowRouting
 
 
+GREEDY_BELOW = 1e-4
+"""Temperatures below this decode greedily."""
+
+
 @dataclass
 class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
     max_tokens: int = 16
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """Below GREEDY_BELOW (e.g. 0) means greedy (argmax)."""
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
@@ -116,10 +120,10 @@ def safe_end(text: str, stop: Seq[str]) -> int:
 
 
 def pick_tokens(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-    """(B, V) float logits -> (B,) next tokens: argmax for temperature 0, else top-p sampling per row."""
+    """(B, V) float logits -> (B,) next tokens: argmax for temperature ~0, else top-p sampling per row."""
     chosen = logits.argmax(-1).cpu()
     for row, seq in enumerate(seqs):
-        if seq.params.temperature <= 0:
+        if seq.params.temperature < GREEDY_BELOW:  # dividing by a tinier temperature overflows to inf
             continue
         if seq.generator is None:
             seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)

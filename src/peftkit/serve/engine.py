@@ -26,7 +26,7 @@ from torch import nn
 from ..adapters import AdaptedModel
 from ..combine import Combination, combine_adapters
 from ..data.templates import PromptFormat
-from ..errors import AdapterError, ModelError
+from ..errors import AdapterError, ModelError, PeftkitError
 from ..inference import saved_format
 from ..models import is_seq2seq, load_model, resolve_device, resolve_dtype
 from .batching import BatchQueue
@@ -133,9 +133,9 @@ class Engine:
     def load_adapter(self, name: str, folder: Path) -> ServedAdapter:
         """Check and attach an adapter folder (safetensors only; every tensor's shape must fit the base)."""
         adapted = self._require_unmerged()
-        self._check_new_name(name)
         check_adapter_files(folder)
         with self._model_lock:
+            self._check_new_name(name)
             meta = adapted.load_adapter(folder, name=name)  # checks keys, shapes and finiteness
             adapted.set_adapter(None)
             served = self._register(name, saved_format(meta), str(folder))
@@ -144,9 +144,9 @@ class Engine:
 
     def unload_adapter(self, name: str) -> None:
         adapted = self._require_unmerged()
-        if name not in self.adapters:
-            raise UnknownModel(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
         with self._model_lock:
+            if name not in self.adapters:
+                raise UnknownModel(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
             adapted.delete_adapter(name)
             del self.adapters[name]
         log.info("adapter %r unloaded", name)
@@ -154,11 +154,11 @@ class Engine:
     def combine(self, name: str, sources: Seq[str], weights: Seq[float], how: Combination, rank: int | None = None) -> ServedAdapter:
         """Serve a new adapter made from a weighted combination of loaded ones (prompt format of the first)."""
         adapted = self._require_unmerged()
-        self._check_new_name(name)
-        missing = [s for s in sources if s not in self.adapters]
-        if missing:
-            raise UnknownModel(f"no adapter named {missing[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
         with self._model_lock:
+            self._check_new_name(name)
+            missing = [s for s in sources if s not in self.adapters]
+            if missing:
+                raise UnknownModel(f"no adapter named {missing[0]!r}; loaded: {', '.join(self.adapters) or 'none'}")
             combine_adapters(adapted, list(sources), list(weights), name, how=how, rank=rank)
             adapted.set_adapter(None)
             source = f"{how} of " + ", ".join(f"{w:g}*{s}" for s, w in zip(sources, weights))
@@ -198,14 +198,22 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; its events arrive through `seq.on_event` from the decode thread."""
+        if self._worker is None:
+            seq.fail(503, "the decode thread is not running (Engine.start(), or the app's lifespan, starts it)")
+            return
+        self.queue.put(seq, self.batch_group(seq))
+
+    def batch_group(self, seq: Sequence) -> str | None:
+        """Requests of one group can share a batch: the base and routable adapters mix, others stay alone."""
         served = self.adapters.get(seq.adapter) if seq.adapter is not None else None
         routed = seq.adapter is None or (served is not None and served.routable)
-        self.queue.put(seq, MIXED if routed and not self.merged else seq.adapter)
+        return MIXED if routed and not self.merged else seq.adapter
 
     # -- the decode thread ----------------------------------------------------------------------
     def start(self) -> None:
         if self._worker is None:
             self._stop.clear()
+            self.queue.reopen()
             self._worker = threading.Thread(target=self._work, name="peftkit-decode", daemon=True)
             self._worker.start()
 
@@ -276,9 +284,9 @@ class Engine:
         adapter = self.resolve(model)
         limits = self.settings
         if len(prompt_ids) > limits.max_prompt_tokens:
-            raise AdapterError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}")
+            raise PeftkitError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}")
         if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise AdapterError(
+            raise PeftkitError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.context_length}"
             )
         return Sequence(prompt_ids=prompt_ids, adapter=adapter, params=params)

@@ -60,8 +60,10 @@ def status_of(exc: PeftkitError) -> int:
 async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON: 413 above `limit` bytes (checked while reading), 400 when it is not JSON."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, f"request body is larger than the limit of {limit} bytes (or has a bad Content-Length)")
+    if declared is not None and not declared.isdigit():
+        raise ApiError(400, f"Content-Length {declared[:40]!r} is not a number")
+    if declared is not None and int(declared) > limit:
+        raise ApiError(413, f"request body is larger than the limit of {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

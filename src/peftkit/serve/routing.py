@@ -79,6 +79,14 @@ class RoutedLoraLinear(LoraLinear):
         routed._rows_plan = None
         return routed
 
+    def add_adapter(self, name: str, config: Any) -> None:
+        super().add_adapter(name, config)
+        self._stack = None  # a reused name must not find the old adapter's stacked weights
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self._stack = None
+
     def is_plain(self, name: str) -> bool:
         """True when adapter `name` here is B A * scaling and nothing else (so it can be gathered)."""
         extra = [attr for attr in self.adapter_attrs if attr not in PLAIN_LORA_ATTRS]

@@ -26,8 +26,6 @@ class TrainData:
     units: list[dict[str, Any]]
     """What the loop batches: tokenized examples, or packed sequences of them."""
     validation: list[dict[str, Any]]
-    examples: int = 0
-    """Training examples per epoch (before packing)."""
     truncation: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -58,7 +56,7 @@ def build_train_data(cfg: RunConfig, tasks: list[TaskData], tokenizer: Any, seq2
         packs = pack_examples([len(e["input_ids"]) for e in examples], d.max_length, seed)
         units = [packed_example([examples[i] for i in pack]) for pack in packs]
         log.info("packing: %d examples in %d sequences of up to %d tokens", len(examples), len(units), d.max_length)
-    return TrainData(tasks, units, validation, len(examples), truncation)
+    return TrainData(tasks, units, validation, truncation)
 
 
 def log_counts(tasks: list[TaskData], examples: list[dict[str, Any]]) -> None:
