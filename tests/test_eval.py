@@ -109,7 +109,7 @@ def peftkit(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
 def test_cli_eval_writes_the_report(runs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "report"
     args = ["eval", "--adapter", str(runs["lora"]), "--adapter", str(runs["full"]), "--limit", "3",
-            "--max-new-tokens", "4", "--held-out", CHATTERBOT, "--mc", str(MC_FILE), "--out", str(out)]
+            "--max-new-tokens", "4", "--held-out", CHATTERBOT, "--held-out-limit", "2", "--mc", str(MC_FILE), "--out", str(out)]
     code, output = peftkit(args, monkeypatch, capsys)
     assert code == 0, output
     assert "ROUGE-L" in output and "report.html" in output
@@ -124,11 +124,12 @@ def test_cli_eval_writes_the_report(runs, tmp_path, monkeypatch, capsys):
     assert all(v in (0.0, None) for v in task["change_vs_base_pct"]["base"].values())
     assert set(results["forgetting"]) == {CHATTERBOT, "multiple_choice"}
     assert set(results["forgetting"][CHATTERBOT]) == {"lora", "full"}
+    assert results["tasks"][CHATTERBOT]["n"] == 2 and not results["tasks"][CHATTERBOT]["primary"]
     assert results["multiple_choice"]["n"] == 40
     assert len(task["samples"]) == 3 and set(task["samples"][0]["outputs"]) == {"base", "lora", "full"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # score bars, loss curves, forgetting
-    assert html.count("<table") == html.count("</table>") == 5  # scores, forgetting, choice, 2 side by side
+    assert html.count("<table") == html.count("</table>") == 5  # scores, forgetting, choices, 2 side by side
     assert html.index("Side by side: train") < html.index("Side by side: chatterbot"), "the scored task comes first"
     markdown = (out / "report.md").read_text()
     assert "## Side by side" in markdown and "Δ ROUGE-L" in markdown

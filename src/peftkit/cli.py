@@ -188,6 +188,7 @@ def eval_(
     split: str = typer.Option("test", help="Split of the scored task: test or validation."),
     limit: Optional[int] = typer.Option(None, min=1, help="Score the first N examples of each task."),
     held_out: list[str] = typer.Option([], "--held-out", help="Task for forgetting: aclsum/challenge, aclsum/approach, chatterbot."),
+    held_out_limit: Optional[int] = typer.Option(None, min=1, help="First N examples of each held-out task (default: --limit)."),
     mc: Optional[Path] = typer.Option(None, "--mc", help="Multiple-choice file (MMLU layout), scored by log-likelihood."),
     max_new_tokens: int = typer.Option(60, min=1, help="Most new tokens per answer (generation stops at EOS)."),
     batch_size: int = typer.Option(8, min=1, help="Prompts generated together."),
@@ -209,7 +210,7 @@ def eval_(
     from .eval.tasks import plan_tasks
 
     systems = describe_systems(list(adapter), base, model)
-    tasks = plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out))
+    tasks = plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out), held_out_limit)
     questions = read_mc_file(mc) if mc else None
     if not tasks and not questions:
         raise PeftkitError("nothing to score: pass --dataset NAME, an adapter trained by peftkit, --held-out or --mc")

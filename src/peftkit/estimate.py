@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig, RunConfig
-from .models import resolve_dtype, resolve_model_path
+from .models import resolve_device, resolve_dtype, resolve_model_path
 
 RUNTIME_BYTES = 450 * 2**20
 """Python with torch, transformers, the tokenizer and the data loaded (measured on CPU: ~0.45 GB RSS)."""
@@ -217,8 +217,7 @@ def estimate_memory(cfg: RunConfig, batches: list[BatchShape] | None = None) -> 
     """Peak training memory of `cfg` over `batches` (default: the run's own batches, from its data)."""
     from .train.optim import effective_optimizer
 
-    device = torch.device("cpu") if cfg.train.device == "auto" and not torch.cuda.is_available() else torch.device(
-        "cuda" if cfg.train.device == "auto" else cfg.train.device)
+    device = resolve_device(cfg.train.device)
     dtype = torch.float32 if cfg.method == "full" else resolve_dtype(cfg.train.precision, device)
     dtype_bytes = torch.finfo(dtype).bits // 8
     adapted = meta_model(cfg)

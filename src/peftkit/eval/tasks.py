@@ -122,8 +122,12 @@ def chatterbot_task(limit: int | None = None, seed: int = 0) -> EvalTask:
 
 def plan_tasks(
     system_metas: list[Mapping[str, Any]], dataset: str | None, split: str, limit: int | None, held_out: list[str],
+    held_out_limit: int | None = None,
 ) -> list[EvalTask]:
-    """The primary task (`dataset`, else the first run's own task and split) followed by the held-out tasks."""
+    """The primary task (`dataset`, else the first run's own task and split) followed by the held-out tasks.
+
+    Held-out tasks take their first `held_out_limit` rows (default: `limit`).
+    """
     tasks = []
     if dataset is not None:
         tasks.append(builtin_task(dataset, split, limit, primary=True))
@@ -134,6 +138,6 @@ def plan_tasks(
     for name in held_out:
         if any(t.name == name for t in tasks):
             raise PeftkitError(f"--held-out {name}: that is the task being scored; a held-out task must differ")
-        tasks.append(builtin_task(name, "test", limit))
+        tasks.append(builtin_task(name, "test", held_out_limit or limit))
     return tasks
 

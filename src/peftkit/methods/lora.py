@@ -91,7 +91,7 @@ class LoraLinear(nn.Module, AdapterLayerMixin):
 
     def weight_out_in(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The unmerged base weight as (out, in), dequantized if the base is 4/8-bit."""
-        weight = self._weight_before_merge if self._weight_before_merge is not None else None
+        weight = self._weight_before_merge
         if weight is None:
             return dense_weight(self.base_layer).to(dtype)
         return (weight.T if self.fan_in_fan_out else weight).to(dtype)

@@ -194,6 +194,7 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
     forward.train()
     bar = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), tps=0.0) if progress else None
     loop_start, loop_tokens, last_loss = time.perf_counter(), 0, float("nan")
+    paused = 0.0  # seconds spent validating and checkpointing, left out of tokens/s
     stopped_early = False
     while state.step < total_steps and not stopped_early:
         epoch, index = divmod(state.step, steps_per_epoch)
@@ -215,7 +216,7 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
         if not math.isfinite(last_loss):
             raise PeftkitError(f"loss became {last_loss} at step {state.step} (epoch {epoch}, batch {index}); lower train.lr")
         elapsed = time.perf_counter() - loop_start
-        tps = loop_tokens / max(1e-9, elapsed)
+        tps = loop_tokens / max(1e-9, elapsed - paused)
         record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": last_loss,
                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1), "target_tokens": result.target_tokens,
                   "padding_fraction": round(1 - result.tokens / max(1, result.positions), 4), "grad_norm": grad_norm,
@@ -226,11 +227,13 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
             progress.update(bar, completed=state.step, loss=last_loss, tps=tps)
         if on_step:
             on_step(record)
+        pause_start = time.perf_counter()
         if evaluation_due(cfg, state.step, steps_per_epoch, total_steps):
             stopped_early = validate(cfg, forward, adapted, tokenizer, data, state, metrics, out, info, device, seq2seq)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total_steps:
             save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
-    train_seconds = time.perf_counter() - loop_start
+        paused += time.perf_counter() - pause_start
+    train_seconds = time.perf_counter() - loop_start - paused
     if stopped_early:
         log.info("early stopping at step %d: no improvement in %d evaluations", state.step, cfg.train.early_stopping_patience)
 
