@@ -72,7 +72,7 @@ def test_output_is_h_plus_up_act_down_h(kind, activation):
 
 
 def test_file_layout_and_peft_refuses_it(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     adapted = attach(build_model("llama", VOCAB), BottleneckConfig(placement="pfeiffer", reduction_factor=8, activation="silu"))
     randomize(adapted)
     adapted.save_adapter(tmp_path / "a")

@@ -75,15 +75,9 @@ def randomize_adapter(adapted: AdaptedModel, seed: int = 3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-cases = pytest.mark.parametrize("method", list(METHOD_CASES))
-kinds = pytest.mark.parametrize("kind", KINDS)
-
-
-@pytest.fixture(autouse=True)
-def _skip_unsupported(request):
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if (params.get("method"), params.get("kind")) in UNSUPPORTED:
-        pytest.skip("the method refuses this architecture (see test_unsupported_architecture_is_a_config_error)")
+# every (method, architecture) pair the method supports; the refused pairs are tested as errors below
+PAIRS = [(method, kind) for method in METHOD_CASES for kind in KINDS if (method, kind) not in UNSUPPORTED]
+pairs = pytest.mark.parametrize(("method", "kind"), PAIRS)
 
 
 @pytest.mark.parametrize(("method", "kind"), sorted(UNSUPPORTED))
@@ -92,8 +86,7 @@ def test_unsupported_architecture_is_a_config_error(method, kind):
         attach(build_model(kind, VOCAB), METHOD_CASES[method][0]())
 
 
-@cases
-@kinds
+@pairs
 def test_fresh_adapter_is_identity(method, kind):
     factory, identity, _ = METHOD_CASES[method]
     model = base_model(method, kind)
@@ -101,10 +94,11 @@ def test_fresh_adapter_is_identity(method, kind):
     adapted = attach(model, factory())
     if identity:
         torch.testing.assert_close(logits(adapted, kind), base, rtol=0, atol=0)
+    else:  # soft prompts condition every position on the virtual tokens from the start
+        assert not torch.allclose(logits(adapted, kind), base)
 
 
-@cases
-@kinds
+@pairs
 def test_save_load_same_logits_and_only_adapter_tensors(method, kind, tmp_path):
     factory, _, _ = METHOD_CASES[method]
     adapted = attach(base_model(method, kind), factory())
@@ -124,8 +118,7 @@ def test_save_load_same_logits_and_only_adapter_tensors(method, kind, tmp_path):
     torch.testing.assert_close(logits(fresh, kind), expected, rtol=0, atol=0)
 
 
-@cases
-@kinds
+@pairs
 def test_merge_matches_unmerged_and_unmerge_is_exact(method, kind):
     factory, _, can_merge = METHOD_CASES[method]
     if not can_merge:  # non-linear or input-side methods refuse to merge, with the reason
@@ -147,8 +140,7 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(method, kind):
         assert torch.equal(base_now[key], value), f"unmerge changed {key}"
 
 
-@cases
-@kinds
+@pairs
 def test_merge_and_unload_gives_plain_model(method, kind):
     factory, _, can_merge = METHOD_CASES[method]
     if not can_merge:
@@ -163,8 +155,7 @@ def test_merge_and_unload_gives_plain_model(method, kind):
     torch.testing.assert_close(logits(plain, kind), expected, rtol=1e-5, atol=1e-5)
 
 
-@cases
-@kinds
+@pairs
 def test_disable_is_base(method, kind):
     factory, _, _ = METHOD_CASES[method]
     model = base_model(method, kind)
@@ -177,8 +168,7 @@ def test_disable_is_base(method, kind):
     assert not torch.allclose(logits(adapted, kind), base), "the adapter is active again after the block"
 
 
-@cases
-@kinds
+@pairs
 def test_only_adapter_parameters_get_gradients(method, kind):
     factory, _, _ = METHOD_CASES[method]
     adapted = attach(base_model(method, kind), factory())

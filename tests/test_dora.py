@@ -12,7 +12,7 @@ from conftest import build_model
 from peftkit import AdaptedModel, LoraConfig, attach
 from peftkit.adapters import WEIGHTS_NAME, read_adapter_config
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a test dependency: the reference implementation)
 VOCAB = 400
 KINDS = ["llama", "gpt2", "t5"]
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "t5": ["q", "v", "wo"]}

@@ -15,7 +15,7 @@ from conftest import build_model
 from peftkit import AdaptedModel, AdapterError, LoraConfig, attach, format_trainable
 from peftkit.adapters import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a test dependency: the reference implementation)
 VOCAB = 400
 KINDS = ["llama", "gpt2", "t5"]
 

@@ -94,7 +94,7 @@ def test_file_layout_and_round_trip(tmp_path):
 
 
 def test_peft_refuses_the_selective_folder_instead_of_misloading_it(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     attach(build_model("llama", VOCAB), SelectiveConfig()).save_adapter(tmp_path / "a")
     with pytest.raises((KeyError, ValueError)):
         peft.PeftModel.from_pretrained(build_model("llama", VOCAB), str(tmp_path / "a"))

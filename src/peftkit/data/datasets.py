@@ -256,7 +256,7 @@ def _encode_row(
 
 def tokenize_task_rows(
     rows: Sequence[Mapping[str, Any]], tokenizer: Any, task: TaskData, max_length: int,
-    seed: int = 0, train_on_prompt: bool = False, seq2seq: bool = False, sample_phrasings: bool = True,
+    seed: int = 0, train_on_prompt: bool = False, seq2seq: bool = False, sample_phrasings: bool = True, split: str = "train",
 ) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
     """Tokenize rows with loss masks; phrasings are sampled per example with `seed` (else canonical).
 
@@ -273,7 +273,7 @@ def tokenize_task_rows(
             continue
         out.append({**example, "task": task.name})
     stats.examples = len(out)
-    stats.report(task.name, max_length)
+    stats.report(f"{task.name} ({split})", max_length)
     return out, stats
 
 

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch import nn
 
 from .. import inject
 from ..adapters import AdaptedModel

@@ -42,7 +42,8 @@ def build_train_data(cfg: RunConfig, tasks: list[TaskData], tokenizer: Any, seq2
     truncation = {"dropped": 0, "truncated_prompts": 0, "truncated_responses": 0}
     for task in tasks:
         train, stats = tokenize_task_rows(task.train, tokenizer, task, d.max_length, seed, d.train_on_prompt, seq2seq)
-        val, _ = tokenize_task_rows(task.validation, tokenizer, task, d.max_length, seed, d.train_on_prompt, seq2seq, sample_phrasings=False)
+        val, _ = tokenize_task_rows(task.validation, tokenizer, task, d.max_length, seed, d.train_on_prompt, seq2seq,
+                                    sample_phrasings=False, split="validation")
         per_task.append(train)
         validation += val
         for key in truncation:
