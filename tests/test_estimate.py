@@ -85,7 +85,6 @@ def test_parameter_gradient_and_adam_bytes_are_exact(model_dir, method):
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_quantized_weight_bytes_are_exact(model_dir, double_quant):
-    pytest.importorskip("bitsandbytes")
     cfg, adapted = prepared(model_dir, "qlora", quant={"double_quant": double_quant})
     buffers = sum(b.numel() * b.element_size() for b in adapted.buffers())
     assert estimate_memory(cfg, [SHAPE]).weights == quant.weight_bytes(adapted) - buffers
