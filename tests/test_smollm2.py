@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftkit import LoraConfig, attach
+from peftkit import LoraConfig, attach, format_trainable
 from peftkit.config import load_config
 from peftkit.data import collate, load_task, tokenize_task_rows
 from peftkit.generate import generate_texts
@@ -42,7 +42,11 @@ def test_lora_step_and_generation_on_the_real_model(smollm2):
     examples, _ = tokenize_task_rows(task.train[:2], tokenizer, task, 512)
     assert all(e["labels"][-1] == tokenizer.eos_token_id for e in examples), "EOS is a target"
     adapted = attach(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
-    assert adapted.trainable_report() == "trainable params: 4,884,480 || all params: 139,399,488 || trainable%: 3.5040"
+    # r * (in + out) per linear layer: q 576->576, k and v 576->192 (3 KV heads), o 576->576, gate/up 576->1536, down 1536->576
+    per_layer = 16 * ((576 + 576) + 2 * (576 + 192) + (576 + 576) + 2 * (576 + 1536) + (1536 + 576))
+    expected = 30 * per_layer
+    assert expected == 4_884_480
+    assert adapted.trainable_report() == format_trainable(expected, 134_515_008 + expected)
     loss_sum, count = loss_sum_and_count(adapted, collate(examples, tokenizer.pad_token_id))
     (loss_sum / count).backward()
     assert 1.0 < float(loss_sum / count) < 6.0
