@@ -337,7 +337,7 @@ def _param_count(param: torch.Tensor) -> int:
 def peft_task_type(model: nn.Module) -> str:
     """PEFT's task_type for a transformers model class (decides which PeftModel class loads it)."""
     name = type(model).__name__
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "Generation" in name or name.endswith("ForConditionalGeneration"):
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration", "Seq2SeqLM")):
         return "SEQ_2_SEQ_LM"
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
                          ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM")):

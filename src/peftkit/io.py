@@ -56,8 +56,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file (and give it normal permissions: safetensors writes files 0600)."""
+    mode = 0o666 & ~_umask()
     for dirpath, _, files in os.walk(root):
         for name in files:
+            os.chmod(Path(dirpath) / name, mode)
             with open(Path(dirpath) / name, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(Path(dirpath))
