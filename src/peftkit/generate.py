@@ -16,16 +16,10 @@ from .data.templates import PromptFormat, format_prompt
 
 
 def encode_prompts(
-    tokenizer: Any, fmt: PromptFormat, rows: Sequence[Mapping[str, Any]], seq2seq: bool = False, max_prompt_tokens: int | None = None
+    tokenizer: Any, fmt: PromptFormat, rows: Sequence[Mapping[str, Any]], seq2seq: bool = False
 ) -> list[list[int]]:
-    out = []
-    for row in rows:
-        ids = prompt_ids(tokenizer, fmt, format_prompt(tokenizer, fmt, row), seq2seq)
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            keep_tail = min(32, max_prompt_tokens // 2)
-            ids = ids[: max_prompt_tokens - keep_tail] + ids[len(ids) - keep_tail :]
-        out.append(ids)
-    return out
+    """Prompt token ids per row, through the same formatting as training."""
+    return [prompt_ids(tokenizer, fmt, format_prompt(tokenizer, fmt, row), seq2seq) for row in rows]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
