@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny BPE tokenizer trained here, tiny Llama / GPT-2 / T5 models from configs."""
+"""Shared fixtures: a tiny BPE tokenizer trained here, tiny Llama / GPT-2 / T5 / ViT / Whisper models from configs."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,7 @@ def tokenizer():
 
 
 def tiny_config(kind: str, vocab: int):
-    from transformers import GPT2Config, LlamaConfig, T5Config
+    from transformers import GPT2Config, LlamaConfig, T5Config, ViTConfig, WhisperConfig
 
     if kind == "llama":
         return LlamaConfig(
@@ -65,16 +67,30 @@ def tiny_config(kind: str, vocab: int):
             vocab_size=vocab, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, pad_token_id=0,
             eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0,
         )
+    if kind == "vit":  # 16x16 RGB images in 4x4 patches, 5 classes
+        return ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=128, num_labels=5)
+    if kind == "whisper":  # 8 mel bins x 32 frames (the encoder halves them to 16 positions)
+        return WhisperConfig(
+            vocab_size=vocab, num_mel_bins=8, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        )
     raise ValueError(kind)
 
 
 def build_model(kind: str, vocab: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSpeechSeq2Seq,
+    )
 
     torch.manual_seed(seed)
     config = tiny_config(kind, vocab)
-    cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
-    model = cls.from_config(config)
+    classes = {"t5": AutoModelForSeq2SeqLM, "vit": AutoModelForImageClassification, "whisper": AutoModelForSpeechSeq2Seq}
+    model = classes.get(kind, AutoModelForCausalLM).from_config(config)
     model.eval()
     return model
 
@@ -117,3 +133,24 @@ def tiny_run_config(model_dir: Path, data_file: Path, out: Path, **train):
         "generate": {"max_new_tokens": 8, "num_samples": 2},
         "output_dir": str(out),
     }
+
+
+SUBPROCESS_THREADS = 1
+"""Torch threads of training subprocesses: on 2 shared cores a second OpenMP thread makes tiny steps
+several times slower under load. In-process runs compared with them bit for bit use `torch_threads`."""
+
+
+@contextmanager
+def torch_threads(count: int = SUBPROCESS_THREADS) -> Iterator[None]:
+    """Run torch with `count` intra-op threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a training subprocess: offline, SUBPROCESS_THREADS threads."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(SUBPROCESS_THREADS)}

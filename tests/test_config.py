@@ -59,7 +59,7 @@ def test_bad_override_syntax():
 def test_every_field_is_documented():
     from peftkit import config as c
 
-    for cls in (c.DataConfig, c.LoraConfig, c.TrainConfig, c.GenerateConfig):
+    for cls in (c.DataConfig, c.LoraConfig, c.TrainConfig, c.GenerateConfig, c.EmbeddingConfig, c.ClassificationConfig):
         docs = field_docs(cls)
         missing = [f for f in cls.__dataclass_fields__ if f not in docs]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
@@ -76,5 +76,11 @@ def test_shipped_configs_exist():
 def test_shipped_config_loads_and_dry_runs(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+    if cfg.task != "generation":  # embedding / classification rows, and the model a built-in can resolve
+        from peftkit.models import resolve_model_path
+        from peftkit.tasks.data import load_encoder_data
+
+        assert load_encoder_data(cfg).train and Path(resolve_model_path(cfg.model)).is_dir()
+        return
     task = load_task(cfg.data, cfg.train.seed)  # the data it names exists and has the needed columns
     assert task.train and task.format.templates

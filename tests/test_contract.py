@@ -1,4 +1,5 @@
-"""The adapter contract, run over every method x model kind (causal Llama, GPT-2 Conv1D, T5 seq2seq).
+"""The adapter contract, run over every method x model kind (causal Llama, GPT-2 Conv1D, T5 seq2seq, and beyond
+text: a ViT image classifier and a Whisper speech encoder-decoder).
 
 A new method joins by adding one line to METHOD_CASES.
 """
@@ -40,12 +41,22 @@ METHOD_CASES = {
 QUANTIZED_BASES = {"qlora": QuantConfig(bits=4, quant_type="nf4", double_quant=True), "qlora_int8_dora": QuantConfig(bits=8)}
 # (method, kind) pairs the method refuses with a ConfigError (tested below instead of the contract)
 UNSUPPORTED = {("prefix_tuning", "t5"), ("adaption_prompt", "t5"), ("bitfit", "llama"), ("bitfit", "t5")}  # no biases
-KINDS = ["llama", "gpt2", "t5"]
+# soft prompts and prefixes need token inputs; ViT reads pixels and Whisper's encoder reads audio features
+UNSUPPORTED |= {(m, k) for m in ("prompt_tuning", "prefix_tuning", "adaption_prompt") for k in ("vit", "whisper")}
+KINDS = ["llama", "gpt2", "t5", "vit", "whisper"]
+# beyond text, one case per family keeps the suite fast: the LoRA family (the point of these kinds), a quantized
+# base, bottleneck adapters and selective tuning (Whisper also its tied decoder embeddings and positions)
+_BEYOND_TEXT = ["lora", "lora_qv_default", "rslora", "dora", "qlora", "bottleneck_houlsby", "selective_top_attention"]
+KIND_METHODS = {"vit": _BEYOND_TEXT, "whisper": [*_BEYOND_TEXT, "selective_tied_embeddings"]}
 VOCAB = 400
 
 
 def inputs(kind: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "whisper":
+        return {"input_features": torch.randn(2, 8, 32, generator=g), "decoder_input_ids": torch.randint(3, VOCAB, (2, 7), generator=g)}
     ids = torch.randint(3, VOCAB, (2, 12), generator=g)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if kind == "t5":
@@ -76,7 +87,8 @@ def randomize_adapter(adapted: AdaptedModel, seed: int = 3) -> None:
 
 
 # every (method, architecture) pair the method supports; the refused pairs are tested as errors below
-PAIRS = [(method, kind) for method in METHOD_CASES for kind in KINDS if (method, kind) not in UNSUPPORTED]
+PAIRS = [(method, kind) for method in METHOD_CASES for kind in KINDS
+         if (method, kind) not in UNSUPPORTED and method in KIND_METHODS.get(kind, METHOD_CASES)]
 pairs = pytest.mark.parametrize(("method", "kind"), PAIRS)
 
 

@@ -61,6 +61,11 @@ def saved_activation_bytes(model) -> int:
     ("full", {}),
     ("selective", {"selective": {"top_layers": 2}}),
     ("selective", {"selective": {"top_layers": 0, "components": ["norms"]}}),
+    ("selective", {"selective": {"top_layers": 0, "components": ["embeddings"]}}),  # the gradient crosses every block
+    ("prompt_tuning", {"prompt_tuning": {"init": "random"}}),  # rows 20 virtual tokens longer
+    ("prefix_tuning", {"prefix_tuning": {"init": "random"}}),
+    ("adaption_prompt", {"adaption_prompt": {"adapter_layers": 2}}),
+    ("bottleneck", {"bottleneck": {"placement": "houlsby"}}),
 ])
 def test_activations_match_autograd_saved_tensors(model_dir, method, sections):
     cfg, adapted = prepared(model_dir, method, **sections)
@@ -90,12 +95,21 @@ def test_quantized_weight_bytes_are_exact(model_dir, double_quant):
     assert estimate_memory(cfg, [SHAPE]).weights == quant.weight_bytes(adapted) - buffers
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt_tuning", "bottleneck"])
+def test_terms_sum_to_the_total(model_dir, method):
+    estimate = estimate_memory(config_from_dict({"model": str(model_dir), "method": method}), [SHAPE])
+    assert estimate.total == sum(size for _, size in estimate.rows())
+    assert all(size >= 0 for _, size in estimate.rows()) and estimate.activations > 0 and estimate.runtime > 0
+
+
 def test_full_fine_tuning_state_is_a_multiple_of_the_weights(model_dir):
     full = estimate_memory(config_from_dict({"model": str(model_dir), "method": "full"}), [SHAPE])
     lora = estimate_memory(config_from_dict({"model": str(model_dir), "method": "lora"}), [SHAPE])
     per_weight = (full.weights + full.gradients + full.optimizer) / full.total_params
     assert per_weight == 16  # fp32: weight 4 + gradient 4 + Adam's two states 8 bytes
     assert full.state_vs_weights > 8 > lora.gradients / lora.weights_16bit
+    default_batch = estimate_memory(config_from_dict({"model": str(model_dir), "method": "full"}), [BatchShape(8, 512, 400)])
+    assert default_batch.state_vs_weights >= 12, "the source material's 12-20x the 16-bit weights, activations included"
 
 
 def test_estimate_command_compares_methods(model_dir):

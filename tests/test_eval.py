@@ -251,3 +251,27 @@ def test_run_evaluation_without_base_has_no_change_column(runs):
     task = task_from_run(systems[0].meta, limit=2)
     results = run_evaluation(systems, [task], SETTINGS, device="cpu")
     assert results["tasks"][task.name]["change_vs_base_pct"] == {} and results["forgetting"] == {}
+
+
+def test_recorded_system_is_rescored_on_the_same_rows(runs, tmp_path):
+    from peftkit.eval.recorded import read_recorded
+
+    systems = describe_systems([runs["full"]], include_base=True)
+    task = task_from_run(systems[1].meta, limit=3)
+    earlier = run_evaluation(systems, [task], SETTINGS, device="cpu")
+    write_report(earlier, tmp_path / "earlier")
+    recorded = read_recorded(f"full={tmp_path / 'earlier' / 'results.json'}")
+    assert (recorded.name, recorded.kind, recorded.trainable_pct) == ("full (recorded)", "recorded", 100.0)
+    fewer = task_from_run(systems[1].meta, limit=2)
+    now = run_evaluation([systems[0], recorded], [fewer], SETTINGS, device="cpu")
+    live = run_evaluation(systems, [fewer], SETTINGS, device="cpu")["tasks"][task.name]
+    scored = now["tasks"][task.name]
+    assert scored["outputs"]["full (recorded)"] == live["outputs"]["full"] == earlier["tasks"][task.name]["outputs"]["full"][:2]
+    assert scored["scores"]["full (recorded)"] == live["scores"]["full"]
+    assert scored["change_vs_base_pct"]["full (recorded)"] == live["change_vs_base_pct"]["full"]
+    with pytest.raises(PeftkitError, match="other rows"):
+        run_evaluation([recorded], [task_from_run(systems[1].meta, split="validation", limit=2)], SETTINGS, device="cpu")
+    with pytest.raises(PeftkitError, match="max_new_tokens 5"):
+        run_evaluation([recorded], [fewer], GenerationSettings(max_new_tokens=6, batch_size=2), device="cpu")
+    with pytest.raises(PeftkitError, match="has no system 'lora'.*base, full"):
+        read_recorded(f"lora={tmp_path / 'earlier' / 'results.json'}")

@@ -5,22 +5,25 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-
 import warnings
 
+import peft
 import pytest
 import torch
-
 from conftest import build_model
+
 from peftkit import AdaptedModel, AdapterError, LoraConfig, attach, format_trainable
 from peftkit.adapters import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
-import peft  # noqa: E402  (a test dependency: the reference implementation)
 VOCAB = 400
-KINDS = ["llama", "gpt2", "t5"]
+KINDS = ["llama", "gpt2", "t5", "vit", "whisper"]
 
 
 def inputs(kind):
+    if kind in ("vit", "whisper"):  # pixels / audio features
+        from test_contract import inputs as feature_inputs
+
+        return feature_inputs(kind)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, VOCAB, (2, 10), generator=g)
     out = {"input_ids": ids}
@@ -59,7 +62,8 @@ def test_peft_loads_peftkit_adapter(kind, rslora, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_peftkit_loads_peft_adapter(kind, tmp_path):
-    targets = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "t5": ["q", "v", "wo"]}[kind]
+    targets = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "t5": ["q", "v", "wo"],
+               "vit": ["q_proj", "v_proj", "fc2"], "whisper": ["q_proj", "v_proj", "fc1"]}[kind]
     theirs = peft.get_peft_model(build_model(kind, VOCAB), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomize(theirs)
     expected = out(theirs, kind)

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
+from conftest import subprocess_env, tiny_run_config, torch_threads
 from peftkit.config import config_from_dict
 from peftkit.train import run_training
 from peftkit.train.checkpoint import list_checkpoints
@@ -41,10 +41,6 @@ def config(model_dirs, data_file, out) -> dict:
     return raw
 
 
-def env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-
-
 def test_sigkill_then_resume_is_bit_identical(model_dirs, data_file, tmp_path):
     killed_out, reference_out = tmp_path / "killed", tmp_path / "reference"
     cfg_file = tmp_path / "cfg.yaml"
@@ -52,7 +48,7 @@ def test_sigkill_then_resume_is_bit_identical(model_dirs, data_file, tmp_path):
     script = tmp_path / "slow_run.py"
     script.write_text(SLOW_RUN)
 
-    child = subprocess.Popen([sys.executable, str(script), str(cfg_file)], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen([sys.executable, str(script), str(cfg_file)], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while not (killed_out / "checkpoints" / "step-4").is_dir():
         assert child.poll() is None, child.stdout.read().decode()
@@ -66,11 +62,12 @@ def test_sigkill_then_resume_is_bit_identical(model_dirs, data_file, tmp_path):
     assert 4 <= max(steps_logged) < 15
 
     resumed = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(cfg_file), "--resume"],
-                             env=env(), capture_output=True, text=True, timeout=300)
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stderr
 
-    reference = run_training(config_from_dict(config(model_dirs, data_file, reference_out)))
+    with torch_threads():  # the subprocesses' thread count
+        reference = run_training(config_from_dict(config(model_dirs, data_file, reference_out)))
     mine, theirs = load_file(str(killed_out / "adapter/adapter_model.safetensors")), load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
     assert mine.keys() == theirs.keys() and len(mine) > 0
     for key in mine:

@@ -235,9 +235,12 @@ def test_added_special_tokens_are_saved_and_load_on_a_fresh_base(model_dirs, tmp
     assert not torch.equal(embedding.original_module.weight[400], trained_row), "the trained row came from the adapter"
 
 
-def test_packed_run_trains_with_less_padding(model_dirs, data_file, tmp_path):
-    plain = run(model_dirs, data_file, tmp_path / "plain", epochs=1)
-    packed = run(model_dirs, data_file, tmp_path / "packed", {"packing": True}, epochs=1, batch_size=1)
+def test_packed_and_padding_free_runs_train_with_less_padding(model_dirs, data_file, tmp_path):
+    plain = run(model_dirs, data_file, tmp_path / "plain", epochs=1, padding_free=False)
+    packed = run(model_dirs, data_file, tmp_path / "packed", {"packing": True}, epochs=1, batch_size=1, padding_free=False)
+    flat = run(model_dirs, data_file, tmp_path / "flat", epochs=1)  # padding_free is the default
     assert packed.padding_fraction < plain.padding_fraction and packed.padding_fraction < 0.2
-    assert packed.train_tokens == plain.train_tokens, "the same tokens, in fewer padded positions"
+    assert flat.padding_fraction == 0.0 < plain.padding_fraction
+    assert packed.train_tokens == plain.train_tokens == flat.train_tokens, "the same tokens, in fewer padded positions"
     assert packed.last_loss < packed.first_loss
+    assert abs(flat.first_loss - plain.first_loss) < 1e-4, "same batches, same first loss: only the padding went"

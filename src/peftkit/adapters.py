@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import inject
-from .errors import AdapterError
+from .errors import AdapterError, ConfigError
 from .io import atomic_dir
 from .methods import PEFT_TYPES, AdapterLayerMixin, method_for_config
 from .methods.base import InputAdapterLayer
@@ -37,6 +37,16 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 SIDECAR_NAME = "peftkit.json"
+TRAIN_WROTE = "give the folder `peftkit train` wrote (output_dir/adapter) or a PEFT adapter folder"
+
+
+def first_non_finite(modules: list[tuple[str, nn.Module]]) -> str | None:
+    """The name of the first floating-point parameter holding NaN or Inf, or None."""
+    for path, module in modules:
+        for name, param in module.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                return f"{path}.{name}"
+    return None
 
 
 def format_trainable(trainable: int, total: int) -> str:
@@ -167,9 +177,18 @@ class AdaptedModel(nn.Module):
             if name in layer.adapter_names() and not layer.can_merge and not isinstance(layer, ModulesToSave):
                 why = getattr(layer, "merge_refusal", f"{type(layer).__name__} is not a linear update")
                 raise AdapterError(f"adapter {name!r} cannot be merged into the base weights: {why}")
-        for _, layer in self._layers():
-            if name in layer.adapter_names() and layer.can_merge:
-                layer.merge(name)
+        merging = [(path, layer) for path, layer in self._layers() if name in layer.adapter_names() and layer.can_merge]
+        fresh = [layer for _, layer in merging if not layer.merged]
+        for _, layer in merging:
+            layer.merge(name)
+        saved = [(path, layer.modules_to_save[name]) for path, layer in self._layers()
+                 if isinstance(layer, ModulesToSave) and name in layer.adapter_names()]
+        bad = first_non_finite([(path, layer.base_layer) for path, layer in merging] + saved)  # type: ignore[misc]
+        if bad is not None:
+            for layer in fresh:
+                layer.unmerge()  # exact: the kept copy of the base weight goes back
+            raise AdapterError(f"merging adapter {name!r} gives NaN/Inf in {bad}, so nothing was merged (the base is "
+                               "unchanged); the adapter's weights are broken: retrain or use an earlier checkpoint")
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights exactly (a copy is kept from the first merge)."""
@@ -236,10 +255,13 @@ class AdaptedModel(nn.Module):
                 tensor, target = state[saved_key], own[own_key]
                 if tensor.shape != target.shape:
                     raise AdapterError(
-                        f"{source}: {saved_key} has shape {tuple(tensor.shape)}, the base needs {tuple(target.shape)}"
+                        f"{source}: {saved_key} has shape {tuple(tensor.shape)}, the base needs {tuple(target.shape)}; "
+                        "the weights do not match adapter_config.json (r, target_modules) or were trained on another base"
                     )
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise AdapterError(f"{source}: {saved_key} holds NaN or Inf values; the file is corrupt")
+                    raise AdapterError(
+                        f"{source}: {saved_key} holds NaN or Inf values; the file is corrupt: retrain or use an earlier checkpoint"
+                    )
                 target.copy_(tensor.to(target.dtype))
 
     # -- files --------------------------------------------------------------------------------
@@ -283,7 +305,10 @@ class AdaptedModel(nn.Module):
         """Attach the adapter saved in `path` under `name`; returns its peftkit.json (or {})."""
         config, _ = read_adapter_config(path)
         state = read_adapter_weights(path)
-        self.add_adapter(name, config)
+        try:
+            self.add_adapter(name, config)
+        except ConfigError as exc:  # e.g. its target_modules are not layers of this base
+            raise AdapterError(f"{path}: {exc}. Was it trained on another base model?") from None
         try:
             self.load_adapter_state_dict(name, state, source=str(path))
         except AdapterError:
@@ -334,9 +359,14 @@ def _param_count(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def peft_task_type(model: nn.Module) -> str:
-    """PEFT's task_type for a transformers model class (decides which PeftModel class loads it)."""
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model class (decides which PeftModel class loads it).
+
+    None (plain `PeftModel`, as PEFT's ViT and Whisper examples) for models that read pixels or audio
+    features: PEFT's task classes call the base with `input_ids`."""
     name = type(model).__name__
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return None
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration", "Seq2SeqLM")):
         return "SEQ_2_SEQ_LM"
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
@@ -382,16 +412,18 @@ def read_adapter_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """(peftkit method config, raw adapter_config.json) for the adapter folder at `path`."""
     path = Path(path)
     file = path / CONFIG_NAME
+    if path.is_file():
+        raise AdapterError(f"{path}: is a file; give the adapter's folder (the one holding {CONFIG_NAME})")
     if not path.is_dir():
-        raise AdapterError(f"{path}: no such adapter folder")
+        raise AdapterError(f"{path}: no such adapter folder; {TRAIN_WROTE}")
     if not file.is_file():
-        raise AdapterError(f"{path}: not an adapter folder (no {CONFIG_NAME})")
+        raise AdapterError(f"{path}: not an adapter folder (no {CONFIG_NAME}); {TRAIN_WROTE}")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{file}: not valid JSON ({exc})") from None
+        raise AdapterError(f"{file}: not valid JSON ({exc}); save the adapter again") from None
     if not isinstance(raw, dict):
-        raise AdapterError(f"{file}: expected a JSON object")
+        raise AdapterError(f"{file}: expected a JSON object; save the adapter again")
     peft_type = raw.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"{file}: peft_type {peft_type!r} is not supported; supported: {', '.join(PEFT_TYPES)}")
@@ -410,7 +442,7 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(st))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterError(f"{st}: unreadable or truncated safetensors file ({exc})") from None
+            raise AdapterError(f"{st}: unreadable or truncated safetensors file ({exc}); copy or save it again") from None
     if legacy.is_file():
         try:
             state = torch.load(str(legacy), map_location="cpu", weights_only=True)
@@ -422,7 +454,8 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError(f"{legacy}: expected a mapping of tensor names to tensors")
         return state
-    raise AdapterError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter folder")
+    raise AdapterError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in the adapter folder; "
+                       "re-save the adapter (peftkit train, or PEFT's save_pretrained)")
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
@@ -430,9 +463,12 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{file}: not valid JSON ({exc})") from None
+        raise AdapterError(f"{file}: not valid JSON ({exc}); save the adapter again") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{file}: expected a JSON object; save the adapter again")
+    return meta
 
 
 def attach(model: nn.Module, config: Any, name: str = "default") -> AdaptedModel:

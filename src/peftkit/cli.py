@@ -60,6 +60,9 @@ def train(
     from .train import run_training
 
     cfg = load_config(config, set_)
+    if cfg.task != "generation":
+        _train_encoder(cfg, resume)
+        return
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     if not main_process:
         run_training(cfg, resume=resume)
@@ -68,6 +71,33 @@ def train(
     with _progress() as progress:
         result = run_training(cfg, resume=resume, progress=progress)
     _print_result(result)
+
+
+def _train_encoder(cfg: Any, resume: bool) -> None:
+    """`task: embedding | classification`: LoRA on an encoder, then base vs adapter on the test split."""
+    from .tasks import run_encoder_training
+
+    console.print(f"[bold]peftkit train[/]: {cfg.task} with {cfg.method} on [cyan]{cfg.model}[/], data "
+                  f"[cyan]{cfg.data.dataset or cfg.data.train}[/] -> {cfg.output_dir}")
+    with _progress() as progress:
+        result = run_encoder_training(cfg, resume=resume, progress=progress)
+    table = Table(title="run summary", show_header=False)
+    for key, value in [("adapter", str(result.adapter_dir)), ("trainable", result.trainable), ("steps", str(result.steps)),
+                       ("wall time (load, train, save, score)", f"{result.seconds:.1f} s"),
+                       ("training tokens/s", f"{result.tokens_per_s:.0f}"),
+                       ("loss first -> last step", f"{result.first_loss:.4f} -> {result.last_loss:.4f}"),
+                       ("peak RSS", "n/a" if result.peak_rss_gb is None else f"{result.peak_rss_gb:.2f} GB")]:
+        table.add_row(key, value)
+    console.print(table)
+    if result.test:
+        _print_encoder_scores({"task": result.task, "systems": {"base": result.test["base"], "adapter": result.test["adapter"]}},
+                              f"{result.split} split: base encoder vs adapter")
+
+
+def _print_encoder_scores(results: dict[str, Any], title: str) -> None:
+    from .tasks.evaluate import results_table
+
+    _print_report_table(results_table(results), title)
 
 
 def _print_result(result: Any) -> None:
@@ -183,6 +213,7 @@ def _print_report_table(table: tuple[list[str], list[list[str]]], title: str) ->
 def eval_(
     adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter or full fine-tune folder, or NAME=FOLDER (repeatable)."),
     base: bool = typer.Option(True, "--base/--no-base", help="Include the base model (adapters disabled)."),
+    recorded: list[str] = typer.Option([], "--recorded", help="NAME=results.json: that system's outputs from an earlier evaluation, scored again on the same rows (repeatable)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapters' own)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in task to score (default: the run's own task)."),
     split: str = typer.Option("test", help="Split of the scored task: test or validation."),
@@ -205,11 +236,18 @@ def eval_(
     """Compare the base, adapters and full fine-tunes: ROUGE/BLEU, forgetting, multiple choice, a report."""
     from .eval.evaluate import GenerationSettings, run_evaluation
     from .eval.multiple_choice import read_mc_file
+    from .eval.recorded import read_recorded
     from .eval.report import forgetting_rows, mc_table, score_table, write_report
     from .eval.systems import describe_systems
     from .eval.tasks import plan_tasks
+    from .tasks.evaluate import encoder_task, evaluate_encoder_adapters
 
-    systems = describe_systems(list(adapter), base, model)
+    if adapter and encoder_task(adapter[0]):  # an embedding / classification adapter: retrieval or accuracy scores
+        results = evaluate_encoder_adapters(list(adapter), split, limit, model, out, device)
+        _print_encoder_scores(results, f"{results['task']}: {results['dataset']} ({split}), base vs adapter")
+        console.print(f"results: [cyan]{out / 'results.json'}[/]")
+        return
+    systems = describe_systems(list(adapter), base, model) + [read_recorded(spec) for spec in recorded]
     tasks = plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out), held_out_limit)
     questions = read_mc_file(mc) if mc else None
     if not tasks and not questions:
@@ -342,9 +380,10 @@ def estimate(
                   "every layer's input: 12-20x the 16-bit weights in the source material's rule of thumb")
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run the command line (`argv`: the arguments after `peftkit`; default: sys.argv)."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except PeftkitError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
@@ -354,14 +393,21 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors are user mistakes too
+    except Exception as exc:  # click usage errors are user mistakes too (typer may vendor its own click)
         import click
+        from typer.exceptions import TyperException
 
-        if isinstance(exc, click.exceptions.UsageError):
+        if isinstance(exc, (click.exceptions.UsageError, TyperException)) and hasattr(exc, "show"):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, (click.exceptions.Exit, typer.Exit)):
             sys.exit(exc.exit_code)
+        from .io import is_disk_full
+
+        if is_disk_full(exc):  # every write is atomic: what was there before is intact
+            err_console.print(f"[bold red]error:[/] no space left on device ({exc}); free space and run the command again",
+                              highlight=False)
+            sys.exit(2)
         raise
 
 

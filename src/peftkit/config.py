@@ -220,6 +220,9 @@ class TrainConfig:
     """Clip the gradient norm to this value (0 disables)."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
+    deterministic: bool = False
+    """Bit-reproducible GPU runs: deterministic kernels only (`torch.use_deterministic_algorithms`), cuBLAS' fixed
+    workspace, no cuDNN autotuning; slower. CPU runs are reproducible without it (README: Determinism)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """bf16 frozen weights + autocast where the hardware supports it (auto), or force one."""
     device: str = "auto"
@@ -230,6 +233,10 @@ class TrainConfig:
     """Log metrics every N optimizer steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    padding_free: bool = True
+    """Run each micro-batch as one row of concatenated examples with per-example attention (no padding,
+    no mask) where the model allows it (Llama, Mistral, Qwen families with SDPA attention, token-wise
+    methods); elsewhere, padded batches."""
     micro_batch_size: int | None = None
     """Examples per forward/backward (gradient accumulation); null: the whole batch (per process) at once."""
     eval_every: int = 0
@@ -248,6 +255,35 @@ class TrainConfig:
     """Start from an existing adapter folder (peftkit's or HF PEFT's) instead of a fresh one."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
     """AdamW, or bitsandbytes' 8-bit / paged variants (paged needs CUDA: elsewhere the unpaged one, with a note)."""
+
+
+@dataclass
+class EmbeddingConfig:
+    """Sentence embeddings for retrieval (`task: embedding`): a contrastive loss over (query, passage) pairs, each
+    query's own passage the positive and the other passages of the batch its negatives."""
+
+    query: str = "query"
+    """Column holding the query text (files; the built-in aclsum tasks use a summary sentence)."""
+    passage: str = "passage"
+    """Column holding the passage the query should retrieve (files; aclsum: the paper's abstract)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Sentence vector: the mask-weighted mean of the last hidden states (sentence-transformers' MiniLM), or the first token's."""
+    scale: float = 20.0
+    """Cosine similarities are multiplied by this before the softmax (1 / temperature; sentence-transformers uses 20)."""
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    """Cut-offs k of the recall@k reported beside MRR and nDCG@10."""
+
+
+@dataclass
+class ClassificationConfig:
+    """Sequence classification (`task: classification`): LoRA on the encoder plus a fully trained head."""
+
+    text: str = "text"
+    """Column holding the text to classify (files; the built-in `aclsum/aspects` uses a summary sentence)."""
+    label: str = "label"
+    """Column holding the class name (files; `aclsum/aspects`: challenge, approach or outcome)."""
+    labels: list[str] = field(default_factory=list)
+    """Class names in head order; empty: the sorted distinct labels of the training rows."""
 
 
 @dataclass
@@ -271,7 +307,10 @@ class RunConfig:
     """A whole run: `peftkit train CONFIG.yaml`."""
 
     model: str = "smollm2-135m"
-    """A built-in name (`smollm2-135m`), a local transformers folder, or a Hugging Face Hub id."""
+    """A built-in name (`smollm2-135m`, `all-minilm-l6-v2`), a local transformers folder, or a Hugging Face Hub id."""
+    task: Literal["generation", "embedding", "classification"] = "generation"
+    """What the model learns: text generation (causal or seq2seq LM), sentence embeddings for retrieval
+    (contrastive, see `embedding:`), or sequence classification (LoRA + a trained head, see `classification:`)."""
     method: Literal[
         "lora", "qlora", "prompt_tuning", "prefix_tuning", "adaption_prompt", "bottleneck", "selective", "full"
     ] = "lora"
@@ -292,6 +331,10 @@ class RunConfig:
     """Houlsby / Pfeiffer adapters of `method: bottleneck`."""
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    """Pairs, pooling and loss of `task: embedding`."""
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    """Columns and classes of `task: classification`."""
     output_dir: str = "runs/default"
     """Folder for the adapter, checkpoints and metrics."""
 
@@ -432,8 +475,41 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
     for ok, key, message in checks:
         if not ok:
             errors.append(f"{key}: {message}")
+    if cfg.task != "generation":
+        _check_encoder_task(cfg, errors)
     if cfg.data.dataset is None and cfg.data.train is None and not cfg.data.mixture:
         errors.append("data: give either `dataset` (e.g. aclsum/outcome) or a `train` file")
+
+
+ENCODER_DATASETS = {
+    "embedding": ("aclsum/aspects", "aclsum/outcome", "aclsum/challenge", "aclsum/approach"),
+    "classification": ("aclsum/aspects",),
+}
+"""Built-in datasets of the encoder tasks: a summary sentence (of every aspect, or of one) and its paper's abstract;
+for classification, a summary sentence labelled by its aspect."""
+
+
+def _check_encoder_task(cfg: RunConfig, errors: list[str]) -> None:
+    """`task: embedding | classification` train LoRA in one process, on whole batches (in-batch negatives)."""
+    valid = ENCODER_DATASETS[cfg.task]
+    if cfg.data.dataset is not None and cfg.data.dataset not in valid:
+        hint = difflib.get_close_matches(cfg.data.dataset, valid, n=1)
+        did = f" (did you mean {hint[0]!r}?)" if hint else ""
+        errors.append(f"data.dataset: {cfg.data.dataset!r} is not a built-in dataset of task {cfg.task}{did}; "
+                      f"use {', '.join(valid)}, or give `train` files")
+    if cfg.method != "lora":
+        errors.append(f"method: task {cfg.task} trains with method lora (DoRA / rsLoRA through lora.*), not {cfg.method!r}")
+    if cfg.train.micro_batch_size is not None:
+        errors.append(f"train.micro_batch_size: task {cfg.task} runs each batch whole (in-batch negatives); remove it")
+    if cfg.train.load_best or cfg.train.early_stopping_patience or cfg.train.select_by != "val_loss":
+        errors.append(f"train: task {cfg.task} logs validation scores each epoch and keeps the last step; "
+                      "remove load_best / early_stopping_patience / select_by")
+    if cfg.data.mixture or cfg.data.packing:
+        errors.append(f"data: task {cfg.task} reads one dataset unpacked; remove data.mixture / data.packing")
+    if cfg.embedding.scale <= 0:
+        errors.append("embedding.scale: must be positive (typical: 20)")
+    if not cfg.embedding.recall_at or min(cfg.embedding.recall_at) < 1:
+        errors.append("embedding.recall_at: give cut-offs of at least 1, e.g. [1, 5, 10]")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -463,14 +539,19 @@ def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file; give the YAML file itself")
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found; check the path")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(
+            f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the YAML there "
+            "(indent with spaces, not tabs; quote values that hold ': ' or ' #')"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     if raw is None:

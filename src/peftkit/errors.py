@@ -23,3 +23,11 @@ class ModelError(PeftkitError):
 
 class AdapterError(PeftkitError):
     """An adapter folder or file is missing, malformed, or does not fit the base model."""
+
+
+class Interrupted(PeftkitError):
+    """Training stopped by SIGINT / SIGTERM after saving a checkpoint; exits 128 + the signal number."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

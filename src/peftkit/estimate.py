@@ -11,7 +11,7 @@ nothing. The loss keeps the logits of the target positions, and their gradient, 
 coefficients were read off `torch.autograd.graph.saved_tensors_hooks` on Llama-style models
 (tests/test_estimate.py measures them again). The batch shapes are the run's own: the config's
 data is tokenized and each step's batch taken in the training order, so the estimate is the peak
-of the steps the run will take.
+of the steps the run will take (one unpadded row per forward where the run is padding-free).
 
 Example:
     >>> est = estimate_memory(load_config(None, ["method=full"]))
@@ -137,19 +137,40 @@ def weight_bytes(adapted: nn.Module, cfg: RunConfig, dtype_bytes: int) -> float:
 OUTPUT_PROJECTIONS = {"o_proj", "down_proj", "c_proj", "o", "wo", "out_proj", "fc2", "dense_4h_to_h", "dense"}
 
 
+# Parameters an adapter adds inside a block: the base's weights there stay frozen, so the block keeps
+# the frozen path's activations plus the adapter's own (names as the method files register them).
+ADAPTER_PARAMETERS = (".lora_", ".adapter_down.", ".adapter_up.", ".adaption_prompt.", ".adaption_gate.")
+
+
 def block_floats(adapted: nn.Module, hidden: int, mlp: int) -> list[float]:
-    """Floats autograd keeps per token, for each block in order, from which tensors train there."""
+    """Floats autograd keeps per token, for each block in order, from which tensors train there.
+
+    A block where base weights train keeps every linear layer's input; a block with only adapters
+    (LoRA, bottleneck, adaption prompt) or trained norms keeps the frozen path plus their inputs.
+    A trained tensor at the input side (a soft prompt, a prefix, the embeddings) needs the gradient
+    to reach the first block, so every block keeps at least the frozen path.
+    """
     from .methods.lora import LoraLinear
     from .methods.selective import block_position
 
     trained_matrices: dict[tuple[str, int], bool] = {}
     extra: dict[tuple[str, int], float] = {}
     norm_inputs: dict[tuple[str, int], float] = {}
+    adapted_blocks: set[tuple[str, int]] = set()
+    input_side = False
+    embedding = _module_path(adapted.model, adapted.model.get_input_embeddings())
     for path, param in adapted.model.named_parameters():
         position = block_position(path)
-        if position is None or ".lora_" in path:
+        if position is None:
+            input_side = input_side or (param.requires_grad and path.startswith(embedding + "."))
             continue
-        trained_matrices[position] = trained_matrices.get(position, False) or (param.requires_grad and param.ndim >= 2)
+        owned_by_adapter = any(name in path for name in ADAPTER_PARAMETERS)
+        trained_matrices[position] = trained_matrices.get(position, False) or (
+            param.requires_grad and param.ndim >= 2 and not owned_by_adapter)
+        if param.requires_grad and owned_by_adapter:
+            adapted_blocks.add(position)
+        if param.requires_grad and param.ndim == 2 and ".adapter_up." in path:  # bottleneck: its activation, kept for up
+            extra[position] = extra.get(position, 0.0) + 2 * param.shape[1]
         if param.requires_grad and param.ndim == 1 and path.endswith("weight"):  # a norm's scale needs its normed input
             norm_inputs[position] = norm_inputs.get(position, 0.0) + hidden
     for path, module in adapted.model.named_modules():
@@ -164,10 +185,15 @@ def block_floats(adapted: nn.Module, hidden: int, mlp: int) -> list[float]:
     for position in sorted(trained_matrices):
         if trained_matrices[position]:
             per_block.append(trained + extra.get(position, 0.0))
+        elif position in adapted_blocks or position in extra or position in norm_inputs:
+            per_block.append(frozen + extra.get(position, 0.0) + norm_inputs.get(position, 0.0))
         else:
-            added = extra.get(position, 0.0) + norm_inputs.get(position, 0.0)
-            per_block.append(frozen + added if added else 0.0)
+            per_block.append(frozen if input_side and not per_block else 0.0)
     return _from_lowest_trained(per_block, frozen)
+
+
+def _module_path(model: nn.Module, module: nn.Module | None) -> str:
+    return next((path for path, m in model.named_modules() if m is module), "\0")
 
 
 def _from_lowest_trained(per_block: list[float], frozen_floats: float) -> list[float]:
@@ -176,12 +202,13 @@ def _from_lowest_trained(per_block: list[float], frozen_floats: float) -> list[f
     return [0.0 if i < first else (floats or frozen_floats) for i, floats in enumerate(per_block)]
 
 
-def activation_bytes(adapted: nn.Module, batch: BatchShape, dtype_bytes: int) -> float:
-    """Kept activations for one forward of `batch`, plus the fp32 target logits and their gradient."""
+def activation_bytes(adapted: nn.Module, batch: BatchShape, dtype_bytes: int, virtual_tokens: int = 0) -> float:
+    """Kept activations for one forward of `batch` (each row `virtual_tokens` longer with a soft prompt),
+    plus the fp32 target logits and their gradient."""
     config = adapted.model.config
     hidden = config.hidden_size if hasattr(config, "hidden_size") else config.d_model
     mlp = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or getattr(config, "n_inner", None) or 4 * hidden
-    tokens = batch.rows * batch.length
+    tokens = batch.rows * (batch.length + virtual_tokens)
     kept = sum(block_floats(adapted, hidden, mlp)) * tokens * dtype_bytes
     logits = 2 * 4 * batch.targets * config.vocab_size
     return kept + logits
@@ -191,13 +218,18 @@ def run_batches(cfg: RunConfig) -> list[BatchShape]:
     """The shape of every step's (micro-)batch in this run's training order (tokenizes the config's data)."""
     from transformers import AutoConfig
 
+    from .config import PACKABLE_METHODS
     from .data.datasets import load_tasks
     from .models import load_tokenizer
+    from .train.attention import PADDING_FREE_TYPES
     from .train.data import build_train_data, epoch_batches
 
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
-    seq2seq = bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+    config = AutoConfig.from_pretrained(path)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    flat = (cfg.train.padding_free and cfg.method in PACKABLE_METHODS and not seq2seq
+            and getattr(config, "model_type", None) in PADDING_FREE_TYPES)  # one unpadded row per forward
     data = build_train_data(cfg, load_tasks(cfg.data, cfg.train.seed), tokenizer, seq2seq)
     per_epoch = math.ceil(len(data.units) / cfg.train.batch_size)
     steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
@@ -209,7 +241,8 @@ def run_batches(cfg: RunConfig) -> list[BatchShape]:
         for start in range(0, len(ids), rows):
             units = [data.units[i] for i in ids[start : start + rows]]
             targets = sum(sum(1 for t in u["labels"] if t != -100) for u in units)
-            shapes.append(BatchShape(len(units), max(len(u["input_ids"]) for u in units), targets))
+            lengths = [len(u["input_ids"]) for u in units]
+            shapes.append(BatchShape(1, sum(lengths), targets) if flat else BatchShape(len(units), max(lengths), targets))
     return shapes
 
 
@@ -223,7 +256,8 @@ def estimate_memory(cfg: RunConfig, batches: list[BatchShape] | None = None) -> 
     adapted = meta_model(cfg)
     trainable, total = adapted.trainable_counts()
     batches = batches if batches is not None else run_batches(cfg)
-    activations = {b: activation_bytes(adapted, b, dtype_bytes) for b in set(batches)}
+    virtual = cfg.prompt_tuning.num_virtual_tokens if cfg.method == "prompt_tuning" else 0
+    activations = {b: activation_bytes(adapted, b, dtype_bytes, virtual) for b in set(batches)}
     worst = max(activations, key=activations.get)
     optimizer = ADAM_BYTES[effective_optimizer(cfg.train.optimizer, device)] * trainable
     return MemoryEstimate(

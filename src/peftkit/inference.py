@@ -75,6 +75,9 @@ def prompt_rows(fmt: PromptFormat, texts: Sequence[str]) -> list[dict[str, str]]
 @torch.no_grad()
 def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = None) -> tuple[Path, float]:
     """Merge the adapter into its base, check the merge against the unmerged model, write a checkpoint."""
+    source, target = Path(adapter).resolve(), Path(out).resolve()
+    if source == target or source.is_relative_to(target):
+        raise AdapterError(f"--out {out}: writing there would replace the adapter being merged; choose another folder")
     loaded = load_for_inference(adapter, model, device="cpu", precision="fp32")
     if loaded.adapted is None:
         raise AdapterError(f"{adapter}: a full model folder, nothing to merge")

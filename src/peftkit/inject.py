@@ -37,7 +37,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 names (4.x: query, value)
     "whisper": ["q_proj", "v_proj"],
 }
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def _umask() -> int:
@@ -80,7 +81,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _old_name(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -91,3 +92,50 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_interrupted_writes(folder: str | Path, names: Iterable[str] | None = None) -> None:
+    """Tidy what killed atomic writes left in `folder` (only for these `names`; None: any): temp files
+    and folders go, and a folder caught between its two renames (gone, `.NAME.old` present) comes back.
+    """
+    folder, wanted = Path(folder), None if names is None else set(names)
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.tmp"):  # `.NAME.<random>.tmp`
+        if wanted is None or tmp.name[1 : -len(".tmp")].rsplit(".", 1)[0] in wanted:
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    for old in folder.glob(".*.old"):
+        target = old.with_name(old.name[1 : -len(".old")])
+        if wanted is not None and target.name not in wanted:
+            continue
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, target)
+    _fsync_dir(folder)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc`, or an error that led to it, is a full disk or an exceeded quota.
+
+    Measured on a full tmpfs: `open().write` raises OSError(ENOSPC); `torch.save` into a Python file
+    raises a RuntimeError whose `__context__` is that OSError; safetensors raises SafetensorError
+    with "No space left on device (os error 28)" in its message.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(current) for code in DISK_FULL_ERRNOS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

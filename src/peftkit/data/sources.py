@@ -59,7 +59,8 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
         rows = []
         for i, row in enumerate(reader, 1):
             if None in row:  # more cells than header names
-                raise DataError(f"{path}: row {i} (line {reader.line_num}) has more cells than the header's {len(reader.fieldnames or [])} columns")
+                raise DataError(f"{path}: row {i} (line {reader.line_num}) has more cells than the header's "
+                            f"{len(reader.fieldnames or [])} columns; quote cells that hold commas")
             rows.append(dict(row))
         return rows
 
@@ -72,7 +73,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises many types for damaged files
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+        raise DataError(f"{path}: not a readable parquet file ({exc}); re-export it, or use .jsonl") from None
 
 
 def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
@@ -83,7 +84,8 @@ def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
     try:
         ds = load_from_disk(str(path))
     except Exception as exc:
-        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({exc})") from None
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({exc}); "
+                        "point data.train at a .jsonl, .json, .csv or .parquet file, or at such a folder") from None
     if hasattr(ds, "keys"):  # a DatasetDict: take its train split
         if "train" not in ds:
             raise DataError(f"{path}: a DatasetDict without a 'train' split ({list(ds.keys())}); point at one split")
@@ -114,7 +116,7 @@ def read_rows(path: str | Path, columns: Mapping[str, str] | None = None) -> lis
     """Rows of a .jsonl / .json / .csv / .parquet file or a `datasets` save_to_disk folder."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: data file not found")
+        raise DataError(f"{path}: data file not found; check the path (relative paths start in the current folder)")
     if path.is_dir():
         rows = _read_saved_dataset(path)
     elif path.suffix.lower() in READERS:
@@ -125,7 +127,7 @@ def read_rows(path: str | Path, columns: Mapping[str, str] | None = None) -> lis
     else:
         raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets folder")
     if not rows:
-        raise DataError(f"{path}: no rows; the dataset is empty")
+        raise DataError(f"{path}: no rows; the dataset is empty: add examples (for .jsonl, one JSON object per line)")
     return rename_columns(rows, columns or {}, str(path))
 
 
@@ -135,9 +137,10 @@ def check_columns(rows: Sequence[Mapping[str, Any]], needed: Sequence[str], sour
     for i, row in enumerate(rows):
         for column in needed:
             if column not in row:
-                raise DataError(f"{source}: row {i + 1} has no column {column!r} (columns: {', '.join(map(str, row))})")
+                raise DataError(f"{source}: row {i + 1} has no column {column!r} (columns: {', '.join(map(str, row))}); "
+                                "set data.prompt / data.response / data.template, or map it with data.columns")
             if row[column] is None or (isinstance(row[column], str) and not row[column].strip()):
-                raise DataError(f"{source}: row {i + 1}, column {column!r} is empty")
+                raise DataError(f"{source}: row {i + 1}, column {column!r} is empty; fill it or remove the row")
 
 
 def check_messages(rows: Sequence[Mapping[str, Any]], source: str) -> None:

@@ -37,7 +37,7 @@ class System:
 
     name: str
     kind: str
-    """base | adapter | full"""
+    """base | adapter | full | recorded (outputs read from an earlier results.json)"""
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     """The folder's peftkit.json (run config, prompt format), {} for the base."""

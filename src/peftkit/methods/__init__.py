@@ -14,10 +14,11 @@ from .base import AdapterLayer, AdapterLayerMixin, Method
 def _attach_lora(model: nn.Module, name: str, config: lora.LoraConfig) -> list[str]:
     from ..inject import match_modules, match_targets, wrap_module
 
-    paths = match_targets(model, config.target_modules)
+    saved = match_modules(model, config.modules_to_save) if config.modules_to_save else []
+    paths = [p for p in match_targets(model, config.target_modules) if p not in saved]  # a saved module trains whole
     for path in paths:
         wrap_module(model, path, lora.LoraLinear).add_adapter(name, config)
-    for path in match_modules(model, config.modules_to_save) if config.modules_to_save else []:
+    for path in saved:
         wrap_module(model, path, lora.ModulesToSave).add_adapter(name)
     return paths
 

@@ -96,6 +96,11 @@ class AdapterLayerMixin:
         return getattr(self.base_layer, "bias", None)  # type: ignore[attr-defined]
 
     @property
+    def num_embeddings(self) -> int:
+        """A wrapped embedding's row count (Whisper reads `embed_positions.num_embeddings`)."""
+        return self.base_layer.num_embeddings  # type: ignore[attr-defined]
+
+    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 

@@ -36,6 +36,8 @@ SUBLAYER_OUTPUTS: dict[str, tuple[str, str]] = {  # model type -> (attention out
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
     "t5": ("SelfAttention.o", "DenseReluDense.wo"),
     "mt5": ("SelfAttention.o", "DenseReluDense.wo"),
+    "vit": ("attention.o_proj", "mlp.fc2"),
+    "whisper": ("self_attn.out_proj", "fc2"),  # after self-attention (encoder and decoder), not cross-attention
 }
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

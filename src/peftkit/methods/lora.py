@@ -52,6 +52,8 @@ class LoraLinear(nn.Module, AdapterLayerMixin):
 
     adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
     can_merge = True
+    fused = True
+    """LoRA (not DoRA) runs as one autograd function (`_LoraDelta`); False: the plain module-by-module path."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -131,6 +133,11 @@ class LoraLinear(nn.Module, AdapterLayerMixin):
         if name is None or name in self.merged_adapters:
             return result
         lora_a = self.lora_A[name]
+        if name not in self.lora_magnitude_vector and self.fused:
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+            delta = _LoraDelta.apply(x, lora_a.weight, self.lora_B[name].weight, self.scaling[name], p)
+            return result + delta.to(result.dtype)
         x = x.to(lora_a.weight.dtype)
         dropped = self.lora_dropout[name](x)
         lora_out = self.lora_B[name](lora_a(dropped)) * self.scaling[name]  # (B, T, out)
@@ -152,6 +159,47 @@ class LoraLinear(nn.Module, AdapterLayerMixin):
     def extra_repr(self) -> str:
         ranks = {n: a.out_features for n, a in self.lora_A.items()}
         return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active_adapter!r}"
+
+
+class _LoraDelta(torch.autograd.Function):
+    """s * B A dropout(x) as one autograd node that keeps only what its backward needs.
+
+    The plain path keeps the dropped input (a float copy of x per adapted layer) and a scaled
+    (tokens x out) temporary; this keeps x itself (often kept anyway: q, k and v share it), a
+    1-byte dropout mask, and the rank-r projection h = dropout(x) A^T. The same random stream as
+    nn.Dropout, so fused and plain runs draw the same masks.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+        xa = x.to(a.dtype)
+        mask = torch.empty_like(xa).bernoulli_(1 - p).bool() if p > 0 else None
+        dropped = xa * mask / (1 - p) if mask is not None else xa
+        h = dropped @ a.T  # (..., r)
+        ctx.save_for_backward(x, mask, h, a, b)
+        ctx.scale, ctx.p = scale, p
+        return h @ (b * scale).T
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mask, h, a, b = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.p
+        grad = grad.to(b.dtype)
+        flat_grad, flat_h = grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1])
+        grad_b = (flat_grad.T @ flat_h) * scale if ctx.needs_input_grad[2] else None
+        grad_h = grad @ (b * scale)  # (..., r)
+        grad_a = grad_x = None
+        if ctx.needs_input_grad[1]:
+            dropped = x.to(a.dtype)
+            if mask is not None:
+                dropped = dropped * mask / (1 - p)
+            grad_a = grad_h.reshape(-1, grad_h.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_h @ a
+            if mask is not None:
+                grad_x = grad_x * mask / (1 - p)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None
 
 
 class ModulesToSave(nn.Module, AdapterLayerMixin):
@@ -228,6 +276,8 @@ def from_peft_config(raw: dict[str, Any]) -> LoraConfig:
     if raw.get("layers_to_transform") is not None:
         raise AdapterError("adapter_config.json sets layers_to_transform, which this peftkit version does not load")
     alpha = raw.get("lora_alpha", 8)
+    if int(raw.get("r", 8)) < 1:
+        raise AdapterError(f"adapter_config.json: r must be at least 1, got {raw.get('r')}; the file is damaged")
     return LoraConfig(
         r=int(raw.get("r", 8)),
         alpha=float(alpha),

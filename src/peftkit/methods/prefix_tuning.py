@@ -25,7 +25,13 @@ from transformers import DynamicCache
 from ..config import PrefixTuningConfig
 from ..errors import AdapterError, ConfigError
 from .base import AdapterLayerMixin
-from .prompt_tuning import input_embedding_path, prepend_ones, prompt_learning_keys, text_token_ids
+from .prompt_tuning import (
+    input_embedding_path,
+    prepend_ones,
+    prompt_learning_keys,
+    require_token_inputs,
+    text_token_ids,
+)
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -106,6 +112,7 @@ def text_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def attach(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:
     from ..inject import wrap_module
 
+    require_token_inputs(model, "prefix tuning")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError(
             "prefix tuning supports decoder-only models; for an encoder-decoder model (e.g. T5) use "

@@ -30,6 +30,14 @@ FILE_KEY = "prompt_embeddings"
 
 
 # -- helpers shared with prefix tuning -----------------------------------------------------------
+def require_token_inputs(model: nn.Module, method: str) -> None:
+    """Soft prompts and prefixes are prepended to token ids; a model reading pixels or audio features has none."""
+    reads = getattr(model, "main_input_name", "input_ids")
+    if reads != "input_ids":
+        raise ConfigError(f"{method} prepends virtual tokens to token ids, and {type(model).__name__} reads {reads}; "
+                          "use lora, or selective")
+
+
 def input_embedding_path(model: nn.Module) -> str:
     """Path of the module `model.get_input_embeddings()` returns (`model.embed_tokens`, `transformer.wte`, `shared`)."""
     embedding = model.get_input_embeddings()
@@ -147,6 +155,7 @@ def initial_prompt(model: nn.Module, config: PromptTuningConfig) -> torch.Tensor
 def attach(model: nn.Module, name: str, config: PromptTuningConfig) -> list[str]:
     from ..inject import wrap_module
 
+    require_token_inputs(model, "prompt tuning")
     path = input_embedding_path(model)
     prompt = initial_prompt(model, config)
     wrap_module(model, path, SoftPromptEmbedding).add_adapter(name, prompt)

@@ -1,6 +1,7 @@
 """The HTTP server: OpenAI-compatible endpoints over one base and many adapters, plus admin endpoints.
 
     GET  /health                      liveness (no key needed)
+    GET  /openapi.json                the API's OpenAPI document (no key needed)
     GET  /v1/models                   the base and every adapter, by the name requests use
     POST /v1/completions              `model` picks the base or an adapter; `stream` for SSE
     POST /v1/chat/completions         messages through the tokenizer's chat template
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import PeftkitError
 from .engine import Engine
 from .errors import ApiError, install_error_handlers, parse_body, read_json
+from .openapi import openapi_document
 from .responses import EventStream, Kind, collect, sse_chunks, whole_response
 from .schemas import ChatRequest, CombineRequest, CompletionRequest, LoadAdapterRequest
 from .security import confined_adapter_dir, key_matches
@@ -48,6 +50,12 @@ def create_app(engine: Engine) -> FastAPI:
     install_error_handlers(app)
     _add_public_routes(app, engine)
     _add_admin_routes(app, engine)
+    document = openapi_document(app, engine.settings)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return document
+
     return app
 
 

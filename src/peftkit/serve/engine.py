@@ -284,7 +284,7 @@ class Engine:
         adapter = self.resolve(model)
         limits = self.settings
         if len(prompt_ids) > limits.max_prompt_tokens:
-            raise PeftkitError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}")
+            raise PeftkitError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}; shorten it")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PeftkitError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.context_length}"

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
+    429: "rate_limit_error",
     503: "server_error",
 }
 
@@ -57,8 +58,20 @@ def status_of(exc: PeftkitError) -> int:
     return 400
 
 
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON (`application/json`, `...+json`) or not declared at all."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise ApiError(415, f"Content-Type {declared[:80]!r} is not supported; send JSON with Content-Type: application/json")
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 above `limit` bytes (checked while reading), 400 when it is not JSON."""
+    """The body as JSON: 415 when declared as something else, 413 above `limit` bytes (checked while
+    reading), 400 when it is not JSON."""
+    check_json_content_type(request)
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise ApiError(400, f"Content-Length {declared[:40]!r} is not a number")
@@ -109,8 +122,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status_of(exc), str(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message += f": {request.url.path} is not an endpoint; see /openapi.json for the API"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message += f": {request.method} {request.url.path}; use {allowed or 'another method'}"
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

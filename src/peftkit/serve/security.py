@@ -12,9 +12,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..adapters import CONFIG_NAME, WEIGHTS_NAME
+from ..adapters import CONFIG_NAME, TRAIN_WROTE, WEIGHTS_NAME
 from ..errors import AdapterError
 
+INSIDE_ROOT = "give a folder inside the adapter root (relative to it)"
 ADAPTER_DTYPES = {"F16", "BF16", "F32", "F64"}
 """Tensor dtypes an adapter file may hold; they are cast to the adapter layer's dtype on load."""
 
@@ -35,10 +36,10 @@ def confined_adapter_dir(root: Path, requested: str) -> Path:
     Refuses `..` components, and any folder or file whose real path lies outside the root.
     """
     if not requested or "\x00" in requested:
-        raise AccessError("adapter path is empty or holds a NUL byte")
+        raise AccessError(f"adapter path is empty or holds a NUL byte; {INSIDE_ROOT}")
     given = Path(requested)
     if ".." in given.parts:
-        raise AccessError(f"adapter path {requested!r} contains '..'; give a folder inside the adapter root")
+        raise AccessError(f"adapter path {requested!r} contains '..'; {INSIDE_ROOT}")
     real_root = root.resolve(strict=True)
     candidate = given if given.is_absolute() else real_root / given
     try:
@@ -47,7 +48,7 @@ def confined_adapter_dir(root: Path, requested: str) -> Path:
         raise AdapterError(f"adapter path {requested!r}: no such folder under the adapter root") from None
     for path in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
         if path.exists() and not path.resolve().is_relative_to(real_root):
-            raise AccessError(f"adapter path {requested!r} leads outside the adapter root (symlink?)")
+            raise AccessError(f"adapter path {requested!r} leads outside the adapter root (symlink?); {INSIDE_ROOT}")
     if not folder.is_dir():
         raise AdapterError(f"adapter path {requested!r} is not a folder")
     return folder
@@ -57,14 +58,14 @@ def check_adapter_files(folder: Path) -> None:
     """The folder must hold adapter_model.safetensors (never a pickle) with floating-point tensors only."""
     weights = folder / WEIGHTS_NAME
     if not (folder / CONFIG_NAME).is_file():
-        raise AdapterError(f"{folder.name}: not an adapter folder (no {CONFIG_NAME})")
+        raise AdapterError(f"{folder.name}: not an adapter folder (no {CONFIG_NAME}); {TRAIN_WROTE}")
     if not weights.is_file():
         raise AdapterError(f"{folder.name}: no {WEIGHTS_NAME}; the server loads safetensors only, never pickles")
     try:
         with safe_open(str(weights), framework="pt") as f:
             bad = {key: f.get_slice(key).get_dtype() for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{folder.name}/{WEIGHTS_NAME}: unreadable safetensors file ({exc})") from None
+        raise AdapterError(f"{folder.name}/{WEIGHTS_NAME}: unreadable safetensors file ({exc}); copy or save it again") from None
     bad = {key: dtype for key, dtype in bad.items() if dtype not in ADAPTER_DTYPES}
     if bad:
         key, dtype = next(iter(bad.items()))

@@ -93,7 +93,8 @@ def save_checkpoint(
     if info.is_main:
         with atomic_dir(path) as tmp:
             save_file(weights, str(tmp / WEIGHTS_FILE))
-            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / OPTIMIZER_FILE)
+            with open(tmp / OPTIMIZER_FILE, "wb") as f:  # a Python file: a full disk surfaces as OSError(ENOSPC)
+                torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}, f)
             (tmp / STATE_FILE).write_text(json.dumps({**progress, "world_size": info.world_size}, indent=2, sort_keys=True) + "\n")
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

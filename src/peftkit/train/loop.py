@@ -12,27 +12,32 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..adapters import AdaptedModel
-from ..config import RunConfig
+from ..config import PACKABLE_METHODS, RunConfig
 from ..data.datasets import TaskData, load_tasks
-from ..errors import ConfigError, PeftkitError
+from ..errors import ConfigError, Interrupted, PeftkitError
 from ..generate import generate_texts
-from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, is_disk_full, recover_interrupted_writes
 from ..models import builtin_origin, is_seq2seq, load_model, resolve_device, resolve_dtype
 from . import distributed
+from .attention import enable_padding_free
 from .checkpoint import list_checkpoints, load_best, load_checkpoint, save_best, save_checkpoint
 from .data import TrainData, build_train_data, epoch_batches
 from .distributed import Distributed
+from .interrupt import StopRequest, stop_on_signals
 from .logs import MetricsLog
 from .optim import build_optimizer
 from .loss import LossForward
@@ -41,6 +46,10 @@ from .step import accumulate_gradients
 from .validate import Selection, evaluate_loss, perplexity, validation_rouge_l
 
 log = logging.getLogger(__name__)
+
+
+RUN_FILES = ("adapter", "best", "config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "loss_curve.png")
+"""What a run writes atomically into output_dir (besides checkpoints/)."""
 
 
 @dataclass
@@ -95,6 +104,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """`train.deterministic`: what PyTorch's reproducibility notes ask for, for the run only.
+
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle, so it is set before any CUDA matmul.
+    An op with no deterministic kernel then raises, naming itself.
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(cfg.train.warmup_ratio * total_steps)
 
@@ -135,19 +165,38 @@ def run_training(
     """Fine-tune `cfg.model` with `cfg.method` on `cfg.data`; save the adapter to output_dir/adapter.
 
     Under torchrun, every process runs this; only rank 0 writes files and draws `progress`.
+    SIGINT / SIGTERM end the run after the current step with a checkpoint (`Interrupted`); a full
+    disk ends it with a message (`PeftkitError`), the newest complete checkpoint intact.
     """
     info, device = distributed.setup(cfg.train.distributed, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, resume, on_step, progress if info.is_main else None, info, device)
+        with stop_on_signals() as stop, deterministic_kernels(cfg.train.deterministic):
+            return _train(cfg, resume, on_step, progress if info.is_main else None, info, device, stop)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise PeftkitError(disk_full_message(Path(cfg.output_dir))) from None
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Distributed, device: torch.device) -> TrainResult:
+def disk_full_message(out: Path) -> str:
+    found = list_checkpoints(out / "checkpoints")
+    kept = f"the newest complete checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written yet"
+    again = "resume with `peftkit train <same config> --resume`" if found else "run again"
+    return f"no space left on device while writing to {out}: {kept}; free space and {again}"
+
+
+def _train(
+    cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Distributed, device: torch.device, stop: StopRequest,
+) -> TrainResult:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     check_run_options(cfg, info)
+    if info.is_main:  # a killed run may have left temp folders, or a folder between its two renames
+        recover_interrupted_writes(out, RUN_FILES)
+        recover_interrupted_writes(ckpt_dir)
     if not resume and list_checkpoints(ckpt_dir):
         raise PeftkitError(f"{out} already holds checkpoints; pass --resume to continue, or choose another output_dir")
     seed_everything(cfg.train.seed)
@@ -167,6 +216,7 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
     adapted = prepare_model(cfg, model, resized=bool(added))
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    flat = cfg.train.padding_free and cfg.method in PACKABLE_METHODS and enable_padding_free(model)
     forward = distributed.wrap(LossForward(adapted), info, device)
     torch.manual_seed(cfg.train.seed + info.rank)
     params = [p for p in forward.parameters() if p.requires_grad]
@@ -200,9 +250,12 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
         epoch, index = divmod(state.step, steps_per_epoch)
         batch_ids = epoch_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, epoch)[index]
         result = accumulate_gradients(
-            forward, [data.units[i] for i in batch_ids], cfg.train.micro_batch_size, tokenizer.pad_token_id, seq2seq, device, info
+            forward, [data.units[i] for i in batch_ids], cfg.train.micro_batch_size, tokenizer.pad_token_id, seq2seq, device, info,
+            flat=flat,
         )
         grad_norm = clip_gradients(params, cfg.train.max_grad_norm)
+        if not math.isfinite(result.loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise PeftkitError(non_finite_message(result.loss, grad_norm, state.step + 1, epoch, index, batch_ids, data, tokenizer, ckpt_dir))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -213,8 +266,6 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
         last_loss = result.loss
         if math.isnan(state.first_loss):
             state.first_loss = last_loss
-        if not math.isfinite(last_loss):
-            raise PeftkitError(f"loss became {last_loss} at step {state.step} (epoch {epoch}, batch {index}); lower train.lr")
         elapsed = time.perf_counter() - loop_start
         tps = loop_tokens / max(1e-9, elapsed - paused)
         record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": last_loss,
@@ -233,6 +284,13 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total_steps:
             save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
         paused += time.perf_counter() - pause_start
+        if state.step < total_steps and stop.requested(info):
+            saved = ckpt_dir / f"step-{state.step}"
+            if not saved.is_dir():
+                saved = save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
+            name = signal_name(stop.signal_number)
+            raise Interrupted(f"{name}: stopped after step {state.step} of {total_steps}; checkpoint saved to {saved}; "
+                              f"continue with `peftkit train <same config> --resume`", stop.signal_number or 0)
     train_seconds = time.perf_counter() - loop_start - paused
     if stopped_early:
         log.info("early stopping at step %d: no improvement in %d evaluations", state.step, cfg.train.early_stopping_patience)
@@ -255,6 +313,25 @@ def _train(cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Dist
         stopped_early=stopped_early, padding_fraction=1 - state.tokens_seen / max(1, state.positions_seen),
         truncation=data.truncation, loss_curve=curve, world_size=info.world_size,
     )
+
+
+def non_finite_message(
+    loss: float, grad_norm: float | None, step: int, epoch: int, index: int, batch_ids: list[int], data: TrainData,
+    tokenizer: Any, ckpt_dir: Path,
+) -> str:
+    """Name the step and the examples whose loss (or gradient) was NaN / Inf, and the checkpoint to go back to."""
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    shown = [f"#{i} ({data.units[i].get('task', '?')}: {tokenizer.decode(data.units[i]['input_ids'][:24])!r}...)" for i in batch_ids[:4]]
+    more = f" and {len(batch_ids) - 4} more" if len(batch_ids) > 4 else ""
+    found = list_checkpoints(ckpt_dir)
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+    return (f"{what} at step {step} (epoch {epoch}, batch {index}; training examples {', '.join(shown)}{more}); "
+            f"the weights were not updated and {kept}. Lower train.lr, set train.max_grad_norm, or fix those rows; "
+            "then resume with --resume")
+
+
+def signal_name(number: int | None) -> str:
+    return signal.Signals(number).name if number else "signal"
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float | None:
@@ -323,6 +400,8 @@ def save_result(
     """
     target = out / "adapter"
     meta = adapter_metadata(cfg, tasks, tokenizer, added or [])
+    if info.is_main:
+        atomic_write_json(out / "summary.json", {"adapter": str(target), "trainable": adapted.trainable_report()})
     if cfg.method == "full":
         weights = {k: distributed.full_tensor(v) for k, v in adapted.model.state_dict().items()}
         if info.is_main:
@@ -337,7 +416,6 @@ def save_result(
         adapted.save_adapter(target, ADAPTER_NAME, metadata=meta, tensors=tensors)
         if added:
             tokenizer.save_pretrained(target)
-        atomic_write_json(out / "summary.json", {"adapter": str(target), "trainable": adapted.trainable_report()})
     distributed.barrier(info)
     return target
 

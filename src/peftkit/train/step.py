@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..data.batching import collate
+from .attention import flat_example
 from .distributed import Distributed, no_sync, shard, sum_over_ranks
 from .loss import target_count
 
@@ -46,15 +47,18 @@ def micro_batches(examples: Sequence[Mapping], size: int | None) -> list[Sequenc
 def accumulate_gradients(
     forward: nn.Module, global_batch: Sequence[Mapping], micro_batch_size: int | None, pad_id: int,
     seq2seq: bool = False, device: torch.device = torch.device("cpu"), info: Distributed = Distributed(),
+    flat: bool = False,
 ) -> StepResult:
     """Backward over this rank's share of `global_batch` in micro-batches; gradients add up in `.grad`.
 
     A rank whose share is empty (a short last batch) runs the first example with weight 0, so
-    every rank joins the gradient all-reduce.
+    every rank joins the gradient all-reduce. `flat`: each micro-batch is one padding-free row
+    (see `attention.padding_free`, which must be active).
     """
     mine = [global_batch[i] for i in shard(range(len(global_batch)), info)]
     weight = 1.0 if mine else 0.0
-    batches = [to_device(collate(m, pad_id, seq2seq), device) for m in micro_batches(mine or global_batch[:1], micro_batch_size)]
+    chunks = micro_batches(mine or global_batch[:1], micro_batch_size)
+    batches = [to_device(collate([flat_example(m)], pad_id) if flat else collate(m, pad_id, seq2seq), device) for m in chunks]
     local_count = sum(target_count(b, seq2seq) for b in batches) if mine else 0
     local_tokens = sum(int(b["attention_mask"].sum()) for b in batches) if mine else 0
     local_positions = sum(b["attention_mask"].numel() for b in batches) if mine else 0

@@ -1,0 +1,123 @@
+"""Padding-free training: a micro-batch runs as ONE row of concatenated examples, attention per example.
+
+A padded batch of lengths 64..512 is ~40% padding, all of it computed and thrown away. Packing into
+fixed-length rows with a block-diagonal mask removes most of the padding but makes every row pay
+full (rows x rows) attention, masked. Here the examples of a micro-batch are concatenated into one
+row (no padding at all), position ids restart at each example, and attention runs per example with
+the causal kernel (`is_causal=True`), so no mask is built and no cross-example score is computed.
+
+It works through transformers' attention interface: the model's attention implementation becomes
+`peftkit_sdpa` while training, which is PyTorch SDPA for ordinary batches and per-segment SDPA
+when the forward is given `segment_bounds` (what `loss.model_inputs` passes for a flat batch).
+
+Example:
+    >>> with padding_free(model) as flat:
+    ...     batch = collate([flat_example(examples)], pad_id) if flat else collate(examples, pad_id)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.batching import IGNORE_INDEX
+
+IMPLEMENTATION = "peftkit_sdpa"
+# Decoder-only families whose attention goes through transformers' attention interface with rotary
+# positions from `position_ids`, so restarting the positions and splitting attention is exact.
+PADDING_FREE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3", "phi3"}
+
+
+def _segment_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  segment_bounds: Sequence[int] | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if segment_bounds is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop],
+                                       dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        for start, stop in itertools.pairwise(segment_bounds)
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, T, heads, head_dim)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, _segment_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)  # ordinary batches: SDPA's own masks
+
+
+def supports_padding_free(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) in PADDING_FREE_TYPES
+        and not getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "_attn_implementation", None) in ("sdpa", IMPLEMENTATION)
+    )
+
+
+def enable_padding_free(model: nn.Module) -> bool:
+    """Give `model` (a transformers model) per-segment attention for flat batches; False if it cannot.
+
+    Ordinary batches keep SDPA's exact behaviour, and the implementation name is not saved with the
+    config, so leaving it on after training changes nothing.
+    """
+    if not supports_padding_free(model):
+        return False
+    _register()
+    model.config._attn_implementation = IMPLEMENTATION
+    return True
+
+
+@contextlib.contextmanager
+def padding_free(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """`enable_padding_free` for a block; yields whether it is on, and restores the implementation."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    active = enabled and enable_padding_free(model)
+    try:
+        yield active
+    finally:
+        if active:
+            model.config._attn_implementation = before
+
+
+def flat_example(units: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int]]:
+    """Concatenate examples (or packed sequences of them) into one row with per-example segments.
+
+    An example's first label is masked: nothing precedes it in a padded batch, and here the
+    previous example would predict it. Packed units keep their own segments (already masked).
+    """
+    out: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": []}
+    segment = 0
+    for unit in units:
+        n = len(unit["input_ids"])
+        out["input_ids"] += unit["input_ids"]
+        if "segment_ids" in unit:
+            out["labels"] += list(unit["labels"])
+            out["position_ids"] += list(unit["position_ids"])
+            out["segment_ids"] += [segment + s for s in unit["segment_ids"]]
+            segment += max(unit["segment_ids"])
+        else:
+            out["labels"] += [IGNORE_INDEX] + list(unit["labels"][1:])
+            out["position_ids"] += list(range(n))
+            segment += 1
+            out["segment_ids"] += [segment] * n
+    return out
+
+
+def segment_bounds(segment_ids: torch.Tensor) -> list[int]:
+    """Start of every segment of a (1, T) row, and T: [0, n1, n1 + n2, ..., T]."""
+    row = segment_ids[0]
+    starts = torch.nonzero(row[1:] != row[:-1]).flatten() + 1
+    return [0, *starts.tolist(), row.shape[0]]
