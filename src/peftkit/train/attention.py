@@ -42,10 +42,11 @@ def _segment_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if segment_bounds is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    sizes = [stop - start for start, stop in itertools.pairwise(segment_bounds)]
+    # split (not slicing): its backward is one concatenation, where each slice's would be a zero-filled full copy
     outputs = [
-        F.scaled_dot_product_attention(query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop],
-                                       dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-        for start, stop in itertools.pairwise(segment_bounds)
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2), strict=True)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # (1, T, heads, head_dim)
 
