@@ -35,9 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from bench_serve import interleaved, machine
@@ -46,6 +47,7 @@ from bench_train import synthetic_model
 HERE = Path(__file__).resolve().parent
 RANK, ALPHA, TARGETS, B_STD = 8, 16, ["q_proj", "v_proj"], 0.02
 ADAPTERS = ("first", "second")
+PEFT_SINGLE, PEFT_MIXED = "HF PEFT unmerged", "HF PEFT mixed, 2 adapters"
 LENGTHS = (64, 200)
 
 
@@ -128,12 +130,12 @@ def build_systems(base: torch.nn.Module, folders: dict[str, Path], batch: int) -
     peft.eval()
     return {
         "base": System(base.eval()),
-        "peftkit merged (merge_and_unload)": System(merged.eval(), reference="HF PEFT unmerged"),
-        "peftkit merged, wrapped (merge_adapter)": System(wrapped, reference="HF PEFT unmerged"),
-        "peftkit unmerged": System(peftkit_model(base, folders, ADAPTERS[:1]), reference="HF PEFT unmerged"),
-        "HF PEFT unmerged": System(peft),
-        "peftkit mixed, 2 adapters": System(mixed, context=lambda: routing.route(rows), reference="HF PEFT mixed"),
-        "HF PEFT mixed, 2 adapters": System(peft, kwargs={"adapter_names": rows}),
+        "peftkit merged (merge_and_unload)": System(merged.eval(), reference=PEFT_SINGLE),
+        "peftkit merged, wrapped (merge_adapter)": System(wrapped, reference=PEFT_SINGLE),
+        "peftkit unmerged": System(peftkit_model(base, folders, ADAPTERS[:1]), reference=PEFT_SINGLE),
+        PEFT_SINGLE: System(peft),
+        "peftkit mixed, 2 adapters": System(mixed, context=lambda: routing.route(rows), reference=PEFT_MIXED),
+        PEFT_MIXED: System(peft, kwargs={"adapter_names": rows}),
     }
 
 
@@ -190,12 +192,12 @@ def report(tables: list[str], args: argparse.Namespace, loads: tuple[float, floa
     command = "flock /tmp/peftkit-heavy.lock nice -n 5 .venv/bin/python benchmarks/bench_generate.py " + " ".join(sys.argv[1:])
     return "\n".join([
         f"Command: `{command.strip()}`", "",
-        f"Machine: {machine()}. Run {time.strftime('%Y-%m-%d %H:%M %Z')}, {seconds:.0f} s in all; 1-minute load average "
-        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end (a shared machine: compare rows within one run).", "",
-        f"Greedy `generate`, fp32, batch {args.batch} prompts of {LENGTHS[0]}..{LENGTHS[1]} random tokens, exactly "
-        f"{args.new_tokens} new tokens per row; LoRA r{RANK} alpha {ALPHA} on q,v with random B (std {B_STD}); "
-        f"one warm-up batch per system, then {args.rounds} rounds round-robin; tokens/s from the median batch time "
-        "(prefill included). Mixed rows alternate two adapters.", "",
+        (f"Machine: {machine()}. Run {time.strftime('%Y-%m-%d %H:%M %Z')}, {seconds:.0f} s in all; 1-minute load average "
+         f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end (a shared machine: compare rows within one run)."), "",
+        (f"Greedy `generate`, fp32, batch {args.batch} prompts of {LENGTHS[0]}..{LENGTHS[1]} random tokens, exactly "
+         f"{args.new_tokens} new tokens per row; LoRA r{RANK} alpha {ALPHA} on q,v with random B (std {B_STD}); "
+         f"one warm-up batch per system, then {args.rounds} rounds round-robin; tokens/s from the median batch time "
+         "(prefill included). Mixed rows alternate two adapters."), "",
         *tables,
     ])
 

@@ -11,6 +11,7 @@ and `peftkit estimate`'s prediction of the peak beside the measured one.
     nice -n 5 .venv/bin/python benchmarks/bench_methods.py --steps 10 --out runs/methods
     .venv/bin/python benchmarks/bench_methods.py --out runs/methods --table-only   # rows of finished runs
     .venv/bin/python benchmarks/bench_methods.py --only lora,full                  # some rows
+    .venv/bin/python benchmarks/bench_methods.py --no-lock --nice 19               # beside a locked job, idle CPU only
 """
 
 from __future__ import annotations
@@ -59,14 +60,17 @@ def rss_bytes(pid: int) -> int:
     return int(found.group(1)) * 1024 if found else 0
 
 
-def train(key: str, steps: int, out: Path) -> None:
-    """`peftkit train` for one row, under the heavy-job lock; RSS samples go to <key>.rss.jsonl."""
+def train(key: str, steps: int, out: Path, lock_path: Path | None = LOCK, niceness: int = 5) -> None:
+    """`peftkit train` for one row, under the heavy-job lock (unless `lock_path` is None); RSS samples
+    go to <key>.rss.jsonl."""
     sets = overrides(key, steps, out)
-    command = ["nice", "-n", "5", sys.executable, "-m", "peftkit.cli", "train", *[a for s in sets for a in ("--set", s)]]
+    command = ["nice", "-n", str(niceness), sys.executable, "-m", "peftkit.cli", "train", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     metrics = out / key / "metrics.jsonl"
-    with LOCK.open("a") as lock, (out / f"{key}.log").open("w") as log, (out / f"{key}.rss.jsonl").open("w") as samples:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with (lock_path or Path(os.devnull)).open("a") as lock, (out / f"{key}.log").open("w") as log, \
+            (out / f"{key}.rss.jsonl").open("w") as samples:
+        if lock_path:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         while child.poll() is None:
@@ -108,8 +112,9 @@ def step_rates(steps: list[dict]) -> list[float]:
     return rates
 
 
-def estimated(key: str, steps: int, out: Path) -> float:
-    return estimate_memory(load_config(None, overrides(key, steps, out))).total
+def estimated(key: str, out: Path) -> float:
+    """`peftkit estimate` for the config the run saved (the same batches)."""
+    return estimate_memory(load_config(out / key / "config.yaml")).total
 
 
 def row(key: str, m: dict, estimate: float) -> str:
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("runs/methods"))
     parser.add_argument("--only", default=",".join(RUNS), help=f"comma-separated rows of {', '.join(RUNS)}")
+    parser.add_argument("--no-lock", action="store_true", help=f"do not wait for {LOCK} (another job holds it)")
+    parser.add_argument("--nice", type=int, default=5, help="niceness of each training process (default 5)")
     parser.add_argument("--table-only", action="store_true", help="only print rows for runs already finished")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +138,9 @@ def main() -> None:
           "(error) | tokens/s (fastest step) | val loss |\n|---|---|---|---|---|---|---|---|", flush=True)
     for key in args.only.split(","):
         if not args.table_only:
-            train(key, args.steps, args.out)
+            train(key, args.steps, args.out, None if args.no_lock else LOCK, args.nice)
         if (args.out / key / "summary.json").is_file():
-            print(row(key, measured(key, args.out), estimated(key, args.steps, args.out)), flush=True)
+            print(row(key, measured(key, args.out), estimated(key, args.out)), flush=True)
 
 
 if __name__ == "__main__":

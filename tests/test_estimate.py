@@ -126,3 +126,11 @@ def test_estimate_command_compares_methods(model_dir):
     bad = subprocess.run([sys.executable, "-m", "peftkit.cli", "estimate", str(model_dir), "--method", "nope"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_quantized_base_adds_its_dequantized_copies_to_the_slack(model_dir):
+    lora = estimate_memory(config_from_dict({"model": str(model_dir), "method": "lora"}), [SHAPE])
+    qlora = estimate_memory(config_from_dict({"model": str(model_dir), "method": "qlora"}), [SHAPE])
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    body = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert qlora.allocator - lora.allocator == pytest.approx(4 * body, abs=2)  # bitsandbytes dequantizes to fp32

@@ -140,6 +140,8 @@ def test_cli_eval_writes_the_report(runs, tmp_path, monkeypatch, capsys):
     (["eval", "--no-base"], "nothing to evaluate"),
     (["eval", "--model", "/no/such/folder", "--held-out", "nope"], "not built in"),
     (["eval", "--adapter", "/no/such/adapter"], "no such adapter"),
+    (["eval", "--model", "/no/such/folder", "--recorded", "full=/no/such/results.json"], "cannot read"),
+    (["eval", "--model", "/no/such/folder", "--recorded", "/no/such/results.json"], "give NAME=FILE"),
 ])
 def test_cli_eval_user_errors_exit_2(args, message, monkeypatch, capsys):
     code, output = peftkit(args, monkeypatch, capsys)

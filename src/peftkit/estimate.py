@@ -7,7 +7,9 @@ attached to it for real. Activations follow what autograd keeps per token and la
     trained base (full, selective):  10 h + 4 i  (every linear layer's input is kept for its weight gradient)
 
 where h is the hidden size and i the MLP width; blocks below the lowest trained tensor keep
-nothing. The loss keeps the logits of the target positions, and their gradient, in fp32. The
+nothing, and a trained tensor at the input (soft prompt, prefix, embeddings) makes every block keep
+the frozen path. The loss keeps the logits of the target positions, and their gradient, in fp32.
+On top, malloc keeps freed temporaries between the kept tensors (`ALLOCATOR_SHARE`). The
 coefficients were read off `torch.autograd.graph.saved_tensors_hooks` on Llama-style models
 (tests/test_estimate.py measures them again). The batch shapes are the run's own: the config's
 data is tokenized and each step's batch taken in the training order, so the estimate is the peak
@@ -31,6 +33,11 @@ from .models import resolve_device, resolve_dtype, resolve_model_path
 
 RUNTIME_BYTES = 450 * 2**20
 """Python with torch, transformers, the tokenizer and the data loaded (measured on CPU: ~0.45 GB RSS)."""
+ALLOCATOR_SHARE = 0.3
+"""Process memory beyond the kept activations, as a share of them: temporaries freed during the
+forward stay in malloc's heaps between the kept tensors. The gradients, allocated in backward as
+activations are freed, reuse that space first. Fitted on the default model (CPU, glibc malloc):
+LoRA 0.36, full fine-tuning 0.22 (docs/methods.md, "Memory")."""
 ADAM_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0 + 8 / 256}  # two states per parameter (8-bit: + block scales)
 
 
@@ -54,12 +61,13 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    allocator: int
     runtime: int
     batch: BatchShape
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+        return self.weights + self.gradients + self.optimizer + self.activations + self.allocator + self.runtime
 
     @property
     def weights_16bit(self) -> int:
@@ -69,11 +77,12 @@ class MemoryEstimate:
     @property
     def state_vs_weights(self) -> float:
         """(weights + gradients + optimizer + activations) as a multiple of the 16-bit weights."""
-        return (self.total - self.runtime) / self.weights_16bit
+        return (self.weights + self.gradients + self.optimizer + self.activations) / self.weights_16bit
 
     def rows(self) -> list[tuple[str, int]]:
         return [("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
-                ("activations", self.activations), ("runtime (python, torch, data)", self.runtime)]
+                ("activations", self.activations), ("allocator slack (freed temporaries)", self.allocator),
+                ("runtime (python, torch, data)", self.runtime)]
 
 
 # -- parameters -----------------------------------------------------------------------------------
@@ -127,6 +136,17 @@ def weight_bytes(adapted: nn.Module, cfg: RunConfig, dtype_bytes: int) -> float:
             else:
                 total += dtype_bytes * param.numel()
     return total
+
+
+def dequantized_bytes(adapted: nn.Module, cfg: RunConfig) -> int:
+    """fp32 copies of the quantized weights: bitsandbytes' CPU path dequantizes each layer's weight in
+    every forward and backward; freed, they leave that much more slack in malloc's heaps."""
+    if cfg.method != "qlora":
+        return 0
+    from .methods.quant import quantizable_paths
+
+    modules = dict(adapted.model.named_modules())
+    return sum(4 * modules[path].weight.numel() for path in quantizable_paths(adapted.model, cfg.quant))
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -260,7 +280,8 @@ def estimate_memory(cfg: RunConfig, batches: list[BatchShape] | None = None) -> 
     activations = {b: activation_bytes(adapted, b, dtype_bytes, virtual) for b in set(batches)}
     worst = max(activations, key=activations.get)
     optimizer = ADAM_BYTES[effective_optimizer(cfg.train.optimizer, device)] * trainable
+    slack = ALLOCATOR_SHARE * activations[worst] + dequantized_bytes(adapted, cfg)
     return MemoryEstimate(
         cfg.method, trainable, total, int(weight_bytes(adapted, cfg, dtype_bytes)), 4 * trainable, int(optimizer),
-        int(activations[worst]), RUNTIME_BYTES, worst,
+        int(activations[worst]), int(max(0.0, slack - 4 * trainable)), RUNTIME_BYTES, worst,
     )
