@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 avoids OpenMP spin-waits on a busy CPU")
     parser.add_argument("--profile", metavar="SYSTEM", help="print a torch.profiler table of one batch of SYSTEM instead")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--no-results", action="store_true", help="print only; do not append to --results")
@@ -225,6 +226,8 @@ def main() -> None:
     from peftkit.generate import left_pad
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     tables = []
     for workload in args.workloads.split(","):
