@@ -319,8 +319,11 @@ def table(workload: str, results: list[dict], peak: float, command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        label = LABELS[r["system"]]
+        if METHOD == "full":  # no adapter on either side
+            label = label.replace("HF PEFT + Trainer", "HF Trainer").replace("fused LoRA, ", "")
         lines.append(
-            f"| {LABELS[r['system']]} | {r['steps']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f} "
+            f"| {label} | {r['steps']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f} "
             f"| {r['peak_gb']:.2f} | {r['peak_gb'] / ref['peak_gb']:.2f} | {100 * r['flops_per_s'] / peak:.1f}% "
             f"| {r['held_out_loss']:.4f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |"
         )
