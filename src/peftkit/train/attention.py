@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.batching import IGNORE_INDEX
+from ..data.batching import packed_example
 
 IMPLEMENTATION = "peftkit_sdpa"
 # Decoder-only families whose attention goes through transformers' attention interface with rotary
@@ -102,18 +102,11 @@ def flat_example(units: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int
     out: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": []}
     segment = 0
     for unit in units:
-        n = len(unit["input_ids"])
-        out["input_ids"] += unit["input_ids"]
-        if "segment_ids" in unit:
-            out["labels"] += list(unit["labels"])
-            out["position_ids"] += list(unit["position_ids"])
-            out["segment_ids"] += [segment + s for s in unit["segment_ids"]]
-            segment += max(unit["segment_ids"])
-        else:
-            out["labels"] += [IGNORE_INDEX] + list(unit["labels"][1:])
-            out["position_ids"] += list(range(n))
-            segment += 1
-            out["segment_ids"] += [segment] * n
+        packed = unit if "segment_ids" in unit else packed_example([unit])  # one masking rule: batching's
+        for key in ("input_ids", "labels", "position_ids"):
+            out[key] += packed[key]
+        out["segment_ids"] += [segment + s for s in packed["segment_ids"]]
+        segment += max(packed["segment_ids"])
     return out
 
 
