@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peftkit.errors import ModelError
-from peftkit.models import load_model, resolve_device, resolve_dtype, resolve_model_path
+from peftkit.models import load_model, resolve_device, resolve_model_path
+from peftkit.precision import resolve_dtype
 
 
 def test_local_folder_loads(model_dirs):

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .config import QuantConfig, RunConfig
-from .models import resolve_device, resolve_dtype, resolve_model_path
+from .models import resolve_device, resolve_model_path
+from .precision import resolve_dtype
 
 RUNTIME_BYTES = 450 * 2**20
 """Python with torch, transformers, the tokenizer and the data loaded (measured on CPU: ~0.45 GB RSS)."""

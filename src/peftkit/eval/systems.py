@@ -26,7 +26,8 @@ from torch import nn
 
 from ..adapters import CONFIG_NAME, AdaptedModel, read_adapter_config, read_adapter_weights, read_sidecar
 from ..errors import AdapterError, PeftkitError
-from ..models import load_model, resolve_device, resolve_dtype, resolve_model_path
+from ..models import load_model, resolve_device, resolve_model_path
+from ..precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 

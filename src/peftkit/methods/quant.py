@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import QuantConfig
 from ..errors import ConfigError
+from ..precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def _int8_scales(layer: nn.Module) -> torch.Tensor:
 
 def compute_dtype(config: QuantConfig, device: torch.device) -> torch.dtype:
     """bf16 where the device computes it natively (`auto`), else fp32; or the named dtype."""
-    from ..models import resolve_dtype
-
     named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     return named[config.compute_dtype] if config.compute_dtype in named else resolve_dtype("auto", device)
 

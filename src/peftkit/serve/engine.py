@@ -28,7 +28,8 @@ from ..combine import Combination, combine_adapters
 from ..data.templates import PromptFormat
 from ..errors import AdapterError, ModelError, PeftkitError
 from ..inference import saved_format
-from ..models import is_seq2seq, load_model, resolve_device, resolve_dtype
+from ..models import is_seq2seq, load_model, resolve_device
+from ..precision import resolve_dtype
 from .batching import BatchQueue
 from .decode import SamplingParams, Sequence, decode_batch
 from .prompts import RAW_FORMAT, chat_ids, completion_ids

@@ -32,7 +32,8 @@ from ..adapters import AdaptedModel
 from ..config import RunConfig
 from ..errors import ConfigError, PeftkitError
 from ..io import atomic_write_json, atomic_write_text
-from ..models import builtin_origin, load_encoder, resolve_device, resolve_dtype
+from ..models import builtin_origin, load_encoder, resolve_device
+from ..precision import resolve_dtype
 from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..train.logs import MetricsLog
 from ..train.loop import clip_gradients, make_schedule, peak_rss_gb, seed_everything

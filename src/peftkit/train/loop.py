@@ -31,7 +31,8 @@ from ..data.datasets import TaskData, load_tasks
 from ..errors import ConfigError, Interrupted, PeftkitError
 from ..generate import generate_texts
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, is_disk_full, recover_interrupted_writes
-from ..models import builtin_origin, is_seq2seq, load_model, resolve_device, resolve_dtype
+from ..models import builtin_origin, is_seq2seq, load_model, resolve_device
+from ..precision import resolve_dtype
 from . import distributed
 from .attention import enable_padding_free
 from .checkpoint import list_checkpoints, load_best, load_checkpoint, save_best, save_checkpoint
