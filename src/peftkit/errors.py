@@ -25,6 +25,10 @@ class AdapterError(PeftkitError):
     """An adapter folder or file is missing, malformed, or does not fit the base model."""
 
 
+class ExportError(PeftkitError):
+    """An export (GGUF, Ollama) cannot be written: unsupported architecture, tokenizer, adapter or option."""
+
+
 class Interrupted(PeftkitError):
     """Training stopped by SIGINT / SIGTERM after saving a checkpoint; exits 128 + the signal number."""
 
