@@ -6,24 +6,29 @@ Example:
     >>> print(adapted.trainable_report())
     >>> adapted.save_adapter("runs/x/adapter")
     >>> adapted, tokenizer = AdaptedModel.from_pretrained("runs/x/adapter")
+
+The names below are imported on first use (PEP 562), so `import peftkit.config` or the web UI
+does not load torch and transformers.
 """
 
-from .adapters import AdaptedModel, attach, format_trainable
-from .config import LoraConfig, RunConfig, load_config
-from .errors import AdapterError, ConfigError, DataError, ModelError, PeftkitError
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptedModel",
-    "AdapterError",
-    "ConfigError",
-    "DataError",
-    "LoraConfig",
-    "ModelError",
-    "PeftkitError",
-    "RunConfig",
-    "attach",
-    "format_trainable",
-    "load_config",
-]
+_EXPORTS = {
+    "AdaptedModel": "adapters", "attach": "adapters", "format_trainable": "adapters",
+    "LoraConfig": "config", "RunConfig": "config", "load_config": "config",
+    "AdapterError": "errors", "ConfigError": "errors", "DataError": "errors", "ModelError": "errors",
+    "PeftkitError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
