@@ -380,6 +380,20 @@ def estimate(
                   "every layer's input: 12-20x the 16-bit weights in the source material's rule of thumb")
 
 
+@app.command()
+def ui(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder of the runs the UI lists and starts."),
+    project: Path = typer.Option(Path("."), "--project", help="Folder whose data files and models the form offers; runs start in it."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (beyond loopback only with --api-key)."),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PEFTKIT_UI_KEY", help="Key the browser logs in with; required to listen beyond 127.0.0.1."),
+) -> None:
+    """A local web app: new runs from a form, live curves, stop / resume, a playground, evaluation reports."""
+    from .ui.server import run_ui
+
+    run_ui(runs, project, host, port, api_key)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the command line (`argv`: the arguments after `peftkit`; default: sys.argv)."""
     try:
