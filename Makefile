@@ -7,9 +7,19 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The browser tests/test_ui_browser.py drives: Debian's chromium + chromium-driver, installed when missing and
+# running as root (as CI does); elsewhere, or when apt-get fails, that test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver fonts-liberation) >/dev/null 2>&1 \
+		|| echo "apt-get could not install chromium: the browser test will skip"; \
+	else echo "no chromium and not root: the browser test will skip (apt-get install chromium chromium-driver)"; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
