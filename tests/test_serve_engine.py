@@ -12,7 +12,7 @@ from peftkit.data.templates import PromptFormat, format_prompt
 from peftkit.errors import PeftkitError
 from peftkit.generate import generate_ids
 from peftkit.serve import Engine, SamplingParams, ServeSettings
-from peftkit.serve.batching import BatchQueue
+from peftkit.serve.batching import Scheduler
 from peftkit.serve.decode import Sequence, safe_end
 from peftkit.serve.routing import RoutedLoraLinear, enable_row_routing, routable
 from serving_helpers import PROMPTS, TEMPLATE, save_adapter, save_all, single_thread  # noqa: F401 (autouse fixture)
@@ -98,9 +98,13 @@ def test_adapters_that_cannot_be_row_routed_get_their_own_batches(engine, tmp_pa
     for model in ("outcome", "head", "base"):
         seq = engine.sequence(model, [5, 6, 7], GREEDY)
         engine.queue.put(seq, engine.batch_group(seq))
-    first = engine.queue.next_batch(timeout=1)
-    second = engine.queue.next_batch(timeout=1)
-    assert [s.adapter for s in first] == ["outcome", None] and [s.adapter for s in second] == ["head"]
+    group, first = engine.queue.admit(None, 0, lambda extra: True, timeout=1)
+    assert [s.adapter for s in first] == ["outcome", None]
+    late = engine.sequence("base", [5, 6], GREEDY)
+    engine.queue.put(late, engine.batch_group(late))
+    assert engine.queue.admit(group, 2, lambda extra: True, timeout=1)[1] == [], "no one overtakes the older `head` request"
+    _, second = engine.queue.admit(None, 0, lambda extra: True, timeout=1)
+    assert [s.adapter for s in second] == ["head"]
     engine.run_batch(second)
     adapted = AdaptedModel(build_model("llama", len(tokenizer)))
     adapted.load_adapter(folder, name="head")
@@ -167,26 +171,37 @@ def test_seeded_sampling_is_reproducible_and_limits_are_checked(engine):
     a, b = run(engine, ["outcome", "outcome"], ["We", "We"], params)
     assert a == b and len(a) > 0
     with pytest.raises(PeftkitError, match="limit"):
-        engine.sequence("base", list(range(3000)), GREEDY)
+        engine.sequence("base", [5] * 3000, GREEDY)
+    with pytest.raises(PeftkitError, match="token id 400 in the prompt is outside the vocabulary"):
+        engine.sequence("base", [5, 400], GREEDY)
     with pytest.raises(PeftkitError, match="context"):
         engine.sequence("base", [5] * 10, SamplingParams(max_tokens=600))
 
 
-def test_batch_queue_groups_up_to_the_batch_size():
-    queue = BatchQueue(max_batch_size=4, max_wait_ms=1)
+def test_scheduler_admits_in_order_up_to_the_batch_size_and_budget():
+    static = Scheduler(max_batch_size=4, max_wait_ms=1, continuous=False)
     seqs = [Sequence(prompt_ids=[1], adapter=None, params=GREEDY) for _ in range(6)]
     for s in seqs[:5]:
-        queue.put(s, "mixed")
-    queue.put(seqs[5], "other")
-    assert queue.next_batch(timeout=1) == seqs[:4]
-    assert queue.next_batch(timeout=1) == [seqs[4]]
-    assert queue.next_batch(timeout=1) == [seqs[5]]
-    assert queue.next_batch(timeout=0.01) == []
+        static.put(s, "mixed")
+    static.put(seqs[5], "other")
+    always = lambda extra: True  # noqa: E731
+    assert static.admit(None, 0, always, timeout=1) == ("mixed", seqs[:4])
+    assert static.admit("mixed", 4, always, timeout=1) == ("mixed", []), "static: nobody joins a running batch"
+    assert static.admit(None, 0, always, timeout=1) == ("mixed", [seqs[4]])
+    assert static.admit(None, 0, always, timeout=1) == ("other", [seqs[5]])
+    assert static.admit(None, 0, always, timeout=0.01) == (None, [])
+    continuous = Scheduler(max_batch_size=4, max_wait_ms=1, continuous=True)
+    for s in seqs[:5]:
+        continuous.put(s, "mixed")
+    assert continuous.admit("mixed", 2, always, timeout=0) == ("mixed", seqs[:2]), "joins fill the free rows"
+    assert continuous.admit("mixed", 3, lambda extra: len(extra) < 1, timeout=0) == ("mixed", []), "over budget: wait"
+    seqs[2].cancelled.set()
+    assert continuous.admit("mixed", 3, always, timeout=0) == ("mixed", [seqs[3]]), "a cancelled request never runs"
     events = []
     late = Sequence(prompt_ids=[1], adapter=None, params=GREEDY, on_event=events.append)
-    queue.close()
-    queue.put(late, "mixed")
-    assert events[0].error[0] == 503 and queue.next_batch(timeout=0.01) == []
+    continuous.close()
+    continuous.put(late, "mixed")
+    assert events[0].error[0] == 503 and continuous.admit(None, 0, always, timeout=0.01) == (None, [])
 
 
 def test_a_stopped_engine_answers_503_instead_of_hanging(engine):
@@ -228,3 +243,63 @@ def test_a_reused_name_serves_the_new_weights(engine, folders):
     after = run(engine, mix, PROMPTS[:3])
     assert after[0] == run(engine, ["approach"], PROMPTS[:1])[0] != before[0]
     assert after[1:] == before[1:]
+
+
+# -- continuous batching -------------------------------------------------------------------------------
+def alone(engine: Engine, model: str, prompt: list[int], params=GREEDY) -> list[int]:
+    seq = engine.sequence(model, prompt, params)
+    engine.run_batch([seq])
+    return seq.tokens
+
+
+def test_sequences_join_and_leave_between_steps_with_the_same_answers(engine):
+    jobs = [("outcome", [5, 6, 7, 8, 9, 10, 11]), ("base", [9, 4]), ("challenge", [7] * 12), ("approach", [3, 30, 31])]
+    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = [alone(engine, m, p, long) for m, p in jobs]
+    seqs = [engine.sequence(m, p, long) for m, p in jobs]
+    engine.queue.put(seqs[0], engine.batch_group(seqs[0]))
+    engine.queue.put(seqs[1], engine.batch_group(seqs[1]))
+    engine.iterate()
+    engine.iterate()
+    assert len(engine.batch) == 2
+    for seq in seqs[2:]:  # arrive while the first two are decoding: they join, with longer and shorter prompts
+        engine.queue.put(seq, engine.batch_group(seq))
+    engine.iterate()
+    assert len(engine.batch) == 4 and engine.stats["mixed_steps"] > 0
+    while engine.batch.seqs:
+        engine.iterate()
+    assert [s.tokens for s in seqs] == expected
+    assert engine.batch.cache is None and engine.queue.admit(None, 0, lambda extra: True, timeout=0) == (None, [])
+
+
+def test_a_cancelled_sequence_leaves_within_one_step(engine):
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    seqs = [engine.sequence("outcome", [5, 6, 7], long), engine.sequence("base", [8, 9], long)]
+    for seq in seqs:
+        engine.queue.put(seq, engine.batch_group(seq))
+    engine.iterate()
+    engine.iterate()
+    seqs[0].cancelled.set()
+    made = len(seqs[0].tokens)
+    engine.iterate()
+    assert engine.batch.seqs == [seqs[1]] and len(seqs[0].tokens) <= made + 1
+    seqs[1].cancelled.set()
+    engine.iterate()
+    assert not engine.batch.seqs
+
+
+def test_a_request_that_does_not_fit_the_kv_budget_waits(folders, tokenizer):
+    engine = Engine(build_model("llama", len(tokenizer)), tokenizer, "base", ServeSettings(kv_cache_tokens=40))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    first, second = engine.sequence("base", [5] * 8, params), engine.sequence("base", [6] * 12, params)
+    for seq in (first, second):
+        engine.queue.put(seq, engine.batch_group(seq))
+    engine.iterate()
+    assert engine.batch.seqs == [first], "two rows of (12 + 10) slots exceed 40: the second waits"
+    while not first.done:
+        assert engine.batch.footprint() <= 40
+        engine.iterate()
+    engine.iterate()
+    assert engine.batch.seqs == [second]
+    with pytest.raises(PeftkitError, match="KV-cache budget of 40"):
+        engine.sequence("base", [5] * 35, params)

@@ -30,8 +30,9 @@ from ..errors import AdapterError, ModelError, PeftkitError
 from ..inference import saved_format
 from ..models import is_seq2seq, load_model, resolve_device
 from ..precision import resolve_dtype
-from .batching import BatchQueue
-from .decode import SamplingParams, Sequence, decode_batch
+from .batching import Scheduler
+from .decode import RunningBatch, Sequence
+from .sampling import SamplingParams
 from .prompts import RAW_FORMAT, chat_ids, completion_ids
 from .routing import RowRouting, enable_row_routing, routable
 from .security import check_adapter_files
@@ -75,15 +76,17 @@ class Engine:
         self.model.eval()
         self.adapters: dict[str, ServedAdapter] = {}
         self.routing: RowRouting | None = None
-        self.queue = BatchQueue(self.settings.max_batch_size, self.settings.max_wait_ms)
+        self.queue = Scheduler(self.settings.max_batch_size, self.settings.max_wait_ms, self.settings.batching == "continuous")
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.stats = {"batches": 0, "sequences": 0, "largest_batch": 0, "mixed_batches": 0}
-        """Counters shown on /health: decoded batches, their sequences, the largest, those mixing adapters."""
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.stats = {"prefills": 0, "steps": 0, "sequences": 0, "largest_batch": 0, "mixed_steps": 0}
+        """Counters shown on /health: prefill passes, decode steps, sequences, the most rows in a step, steps mixing adapters."""
         self._model_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self.batch = RunningBatch(self.model, tokenizer.pad_token_id, self.eos_ids, self.decode, None)
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -150,6 +153,8 @@ class Engine:
                 raise UnknownModel(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
             adapted.delete_adapter(name)
             del self.adapters[name]
+            if self.routing is not None:
+                self.routing.refresh()
         log.info("adapter %r unloaded", name)
 
     def combine(self, name: str, sources: Seq[str], weights: Seq[float], how: Combination, rank: int | None = None) -> ServedAdapter:
@@ -168,6 +173,7 @@ class Engine:
     def _register(self, name: str, fmt: PromptFormat, source: str) -> ServedAdapter:
         assert self.adapted is not None
         self.routing = enable_row_routing(self.adapted, self.routing)
+        self.routing.refresh()
         served = ServedAdapter(fmt, source, routable(self.adapted, name))
         self.adapters[name] = served
         return served
@@ -218,63 +224,103 @@ class Engine:
             self._worker = threading.Thread(target=self._work, name="peftkit-decode", daemon=True)
             self._worker.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, let the current step end (bounded), and fail everything running or queued with 503."""
         self._stop.set()
         self.queue.close()
         if self._worker is not None:
-            self._worker.join(timeout=30)
+            self._worker.join(timeout=timeout)
             self._worker = None
-        for seq in self.queue.drain():
-            seq.fail(503, "the server is shutting down")
+        with self._model_lock:
+            for seq in self.batch.seqs + self.queue.drain():
+                if not seq.done:
+                    seq.fail(503, "the server is shutting down")
+            self.batch.clear()
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = self.queue.next_batch(timeout=0.5)
-            if batch:
-                self.run_batch(batch)
+            self.iterate(timeout=0.5)
 
-    def run_batch(self, batch: list[Sequence]) -> None:
-        """Decode one batch (under the model lock); a failure fails its requests, not the server."""
+    def iterate(self, timeout: float = 0.0) -> None:
+        """One scheduling round: drop rows whose client left, let waiting requests join, decode one step."""
+        batch = self.batch
+        can_join = batch.joinable or not batch.seqs
+        group, joining = self.queue.admit(batch.group, len(batch) if can_join else self.settings.max_batch_size,
+                                          self._fits, timeout if not batch.seqs else 0.0)
         with self._model_lock:
-            live = []
-            for seq in batch:
-                if seq.adapter is not None and seq.adapter not in self.adapters:
-                    seq.fail(404, f"adapter {seq.adapter!r} was unloaded before the request ran")
-                elif not seq.cancelled.is_set():
-                    live.append(seq)
-            if not live:
-                return
-            self._count(live)
             try:
-                with self._adapter_mode(live):
-                    decode_batch(self.model, live, self.tokenizer.pad_token_id, self.eos_ids, self.decode, self._batch_routing(live))
+                self._retire_unservable()
+                joining = [s for s in joining if self._servable(s)]
+                if joining:
+                    self._start_group(group)
+                    self._count_join(joining)
+                with self._adapter_mode(batch.group):
+                    if joining:
+                        batch.join(joining)
+                    if batch.seqs:
+                        self._count_step(batch.seqs)
+                        batch.step()
             except Exception as exc:  # a bug or an out-of-memory: report it to these requests and keep serving
-                log.exception("decoding a batch of %d failed", len(live))
-                for seq in live:
+                log.exception("decoding a batch of %d failed", len(batch) + len(joining))
+                for seq in batch.seqs + joining:
                     if not seq.done:
                         seq.fail(500, f"generation failed: {type(exc).__name__}")
+                batch.clear()
 
-    def _count(self, batch: list[Sequence]) -> None:
-        self.stats["batches"] += 1
-        self.stats["sequences"] += len(batch)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        self.stats["mixed_batches"] += len({s.adapter for s in batch}) > 1
+    def run_batch(self, seqs: list[Sequence]) -> None:
+        """Decode these sequences together to their end, in the calling thread (tests and benchmarks)."""
+        live = [s for s in seqs if self._servable(s)]
+        if not live:
+            return
+        with self._model_lock:
+            self._start_group(self.batch_group(live[0]))
+            self._count_join(live)
+            with self._adapter_mode(self.batch.group):
+                self.batch.join(live)
+                while self.batch.seqs:
+                    self._count_step(self.batch.seqs)
+                    self.batch.step()
+            self.batch.clear()
 
-    def _batch_routing(self, batch: list[Sequence]) -> RowRouting | None:
-        """Per-row routing for a mixed batch; None for the base alone, a merged model or a non-routable adapter."""
-        adapters = {s.adapter for s in batch} - {None}
-        if self.adapted is None or not adapters or not all(self.adapters[a].routable for a in adapters):
-            return None
-        return self.routing
+    def _start_group(self, group: Any) -> None:
+        """The batch serves `group`: routed per row for the mixed group, one active adapter otherwise."""
+        if self.batch.seqs:
+            return
+        self.batch.model, self.batch.group = self.model, group
+        self.batch.routing = self.routing if group == MIXED else None
+
+    def _servable(self, seq: Sequence) -> bool:
+        """False (and the sequence failed) when its adapter was unloaded after it was queued."""
+        if seq.adapter is not None and seq.adapter not in self.adapters:
+            seq.fail(404, f"adapter {seq.adapter!r} was unloaded before the request finished")
+            return False
+        return not seq.cancelled.is_set()
+
+    def _retire_unservable(self) -> None:
+        for seq in self.batch.seqs:
+            if not seq.done and seq.adapter is not None and seq.adapter not in self.adapters:
+                self._servable(seq)
+        self.batch.retire()
+
+    def _fits(self, extra: Seq[Sequence]) -> bool:
+        return self.batch.footprint(extra) <= self.settings.kv_cache_tokens
+
+    def _count_join(self, seqs: list[Sequence]) -> None:
+        self.stats["prefills"] += 1
+        self.stats["sequences"] += len(seqs)
+
+    def _count_step(self, rows: list[Sequence]) -> None:
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        self.stats["mixed_steps"] += len({s.adapter for s in rows}) > 1
 
     @contextmanager
-    def _adapter_mode(self, batch: list[Sequence]) -> Iterator[None]:
-        """A batch of one non-routable adapter runs with that adapter active; mixed batches route per row."""
-        name = batch[0].adapter
-        if self.adapted is None or name is None or self.adapters[name].routable:
+    def _adapter_mode(self, group: Any) -> Iterator[None]:
+        """A group of one non-routable adapter runs with that adapter active; mixed groups route per row."""
+        if self.adapted is None or group in (None, MIXED) or group not in self.adapters:
             yield
             return
-        self.adapted.set_adapter(name)
+        self.adapted.set_adapter(group)
         try:
             yield
         finally:
@@ -284,11 +330,21 @@ class Engine:
         """A sequence for `model` (a served name), checked against the prompt and token limits."""
         adapter = self.resolve(model)
         limits = self.settings
+        if not prompt_ids:
+            raise PeftkitError("the prompt is empty (0 tokens); send at least one token")
+        outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if outside is not None:
+            raise PeftkitError(f"token id {outside} in the prompt is outside the vocabulary (0 to {self.vocab_size - 1})")
         if len(prompt_ids) > limits.max_prompt_tokens:
             raise PeftkitError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}; shorten it")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise PeftkitError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.context_length}"
+            )
+        if len(prompt_ids) + params.max_tokens > limits.kv_cache_tokens:
+            raise PeftkitError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is more than the server's KV-cache "
+                f"budget of {limits.kv_cache_tokens} tokens (--kv-cache-tokens); lower max_tokens or shorten the prompt"
             )
         return Sequence(prompt_ids=prompt_ids, adapter=adapter, params=params)
 

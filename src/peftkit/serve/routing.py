@@ -35,7 +35,8 @@ class RowRouting:
     def __init__(self) -> None:
         self.rows: list[str | None] | None = None
         self.version = 0
-        """Bumped whenever `rows` changes, so layers rebuild their per-row weights once per batch."""
+        """Bumped whenever the routed rows or the adapters change, so layers rebuild their per-row weights then only."""
+        self._planned: list[str | None] | None = None
 
     @contextmanager
     def route(self, rows: Sequence[str | None]) -> Iterator[None]:
@@ -47,14 +48,15 @@ class RowRouting:
             self.set_rows(None)
 
     def set_rows(self, rows: Sequence[str | None] | None) -> None:
+        """Route these rows from now on (None: no routing); the same rows again cost nothing."""
         self.rows = None if rows is None else list(rows)
-        self.version += 1
+        if self.rows is not None and self.rows != self._planned:
+            self._planned = self.rows
+            self.version += 1
 
-    def keep(self, indices: Sequence[int]) -> None:
-        """Drop the other rows (finished sequences leave the batch)."""
-        if self.rows is None:
-            raise RuntimeError("no rows are routed")
-        self.set_rows([self.rows[i] for i in indices])
+    def refresh(self) -> None:
+        """An adapter was loaded, unloaded or changed: layers rebuild their per-row weights at the next forward."""
+        self.version += 1
 
 
 class RoutedLoraLinear(LoraLinear):

@@ -11,9 +11,15 @@ class ServeSettings:
     """Limits and switches of one `peftkit serve` process (every field is a CLI option)."""
 
     max_batch_size: int = 8
-    """Most requests decoded together in one forward pass."""
+    """Most sequences decoded together in one forward pass."""
     max_wait_ms: float = 10.0
-    """How long the first queued request waits for company before its batch starts."""
+    """Static batching only: how long the first queued request waits for company before its batch starts."""
+    batching: str = "continuous"
+    """continuous (requests join and leave the running batch between decode steps) or static (a batch runs to its end)."""
+    kv_cache_tokens: int = 32768
+    """KV-cache budget in token slots (rows x padded length, prompt + max_tokens each); a request that does not fit waits."""
+    max_choices: int = 16
+    """Largest `n` / `best_of` of one request."""
     max_prompt_tokens: int = 2048
     """Longest prompt (in tokens, after the template) a request may send."""
     max_tokens_limit: int = 512
@@ -35,9 +41,11 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_body_bytes",
-                     "max_concurrent", "max_prompts_per_request", "max_adapters"):
+                     "max_concurrent", "max_prompts_per_request", "max_adapters", "kv_cache_tokens", "max_choices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be continuous or static, not {self.batching!r}")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         if self.api_key is not None and not self.api_key.strip():
