@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import build_model
 from peftkit import AdaptedModel, AdapterError, ConfigError, LoraConfig, attach
 from peftkit.inject import match_targets
+from peftkit.methods.lora import default_targets
 from peftkit.methods.lora import LoraLinear
 
 
@@ -53,7 +54,7 @@ def test_rslora_scaling():
 
 def test_target_matching_suffix_regex_all_linear():
     model = build_model("llama", 400)
-    assert all(p.endswith(("q_proj", "v_proj")) for p in match_targets(model, None))
+    assert all(p.endswith(("q_proj", "v_proj")) for p in match_targets(model, default_targets(model)))
     assert len(match_targets(model, ["q_proj"])) == 2
     assert match_targets(model, r"model\.layers\.1\.mlp\.(up|down)_proj") == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
     everything = match_targets(model, "all-linear")
@@ -67,8 +68,9 @@ def test_target_matching_nothing_lists_linear_layers():
 
 
 def test_architecture_defaults():
-    assert match_targets(build_model("gpt2", 400), None) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    assert {p.rsplit(".", 1)[1] for p in match_targets(build_model("t5", 400), None)} == {"q", "v"}
+    gpt2, t5 = build_model("gpt2", 400), build_model("t5", 400)
+    assert match_targets(gpt2, default_targets(gpt2)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert {p.rsplit(".", 1)[1] for p in match_targets(t5, default_targets(t5))} == {"q", "v"}
 
 
 def test_several_adapters_add_switch_disable_delete():

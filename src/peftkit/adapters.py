@@ -25,8 +25,9 @@ from torch import nn
 from . import inject
 from .errors import AdapterError, ConfigError
 from .io import atomic_dir
-from .methods import PEFT_TYPES, AdapterLayerMixin, method_for_config
-from .methods.base import InputAdapterLayer
+from .methods.base import AdapterLayerMixin, InputAdapterLayer
+from .methods.registry import PEFT_TYPES, method_for_config
+from .models import load_model, load_tokenizer
 from .methods.lora import ModulesToSave
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,6 @@ class AdaptedModel(nn.Module):
         device: torch.device | str = "cpu",
     ) -> tuple["AdaptedModel", Any]:
         """Load the adapter at `path` onto its recorded base (or `base`); returns (model, tokenizer)."""
-        from .models import load_model
-
         _, raw = read_adapter_config(path)
         base = base or raw.get("base_model_name_or_path")
         if not base:
@@ -344,8 +343,6 @@ def _resize_for_added_tokens(model: nn.Module, tokenizer: Any, path: Path) -> An
     """An adapter trained with added tokens carries its tokenizer; grow the fresh base to match."""
     if not (path / "tokenizer_config.json").is_file():
         return tokenizer
-    from .models import load_tokenizer
-
     tokenizer = load_tokenizer(str(path))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +21,6 @@ import yaml
 
 from .errors import ConfigError
 
-METHODS = ("lora", "qlora", "prompt_tuning", "prefix_tuning", "adaption_prompt", "bottleneck", "selective", "full")
-PACKABLE_METHODS = ("lora", "qlora", "adaption_prompt", "bottleneck", "selective", "full")
-"""Methods whose parameters act per token, so packed examples stay independent (a soft prompt or
-prefix is prepended once per sequence, not once per packed example)."""
 
 
 @dataclass
@@ -92,110 +89,6 @@ class DataConfig:
     """Pack several examples per sequence of `max_length` (block-diagonal attention, position ids restart)."""
     add_special_tokens: list[str] = field(default_factory=list)
     """New special tokens: embeddings are resized and the changed embedding / head rows saved with the adapter."""
-
-
-@dataclass
-class LoraConfig:
-    """Low-rank adapters beside chosen linear layers: W x + (alpha / r) * B A dropout(x)."""
-
-    r: int = 16
-    """Rank of the update (trainable parameters per layer: r * (in + out))."""
-    alpha: float = 32.0
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input path."""
-    target_modules: Union[list[str], str, None] = None
-    """Module names (exact or suffix), a regex string, `all-linear`, or null for the architecture's q/v default."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    modules_to_save: list[str] = field(default_factory=list)
-    """Modules trained fully and saved with the adapter (e.g. a classification head `score`)."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Initialisation of A (B is always zero, so a fresh adapter changes nothing)."""
-    use_dora: bool = False
-    """DoRA: also learn a magnitude per output feature, m * (W + BA) / ||W + BA|| (PEFT's `use_dora`)."""
-
-
-@dataclass
-class QuantConfig:
-    """How `method: qlora` stores the frozen base's linear layers (bitsandbytes)."""
-
-    bits: Literal[4, 8] = 4
-    """4: NF4/FP4 blocks (QLoRA); 8: LLM.int8 (Linear8bitLt)."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type: NF4 (normal-float, the QLoRA paper's) or FP4."""
-    double_quant: bool = True
-    """Quantize the per-block scales too (saves ~0.4 bits per weight)."""
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Dtype of the matmuls: auto = bf16 where the device computes it natively, else fp32."""
-    skip_modules: list[str] = field(default_factory=list)
-    """Linear layers kept in full precision besides the output head and the model's own fp32 modules."""
-
-
-@dataclass
-class SelectiveConfig:
-    """Train chosen parts of the base model itself (no new layers); only those tensors are saved."""
-
-    layers: list[int] = field(default_factory=list)
-    """Transformer block indices to train (negative counts from the end); when given, `top_layers` is ignored."""
-    top_layers: int = 2
-    """Train the last N blocks of each stack (T5: of the encoder and of the decoder); 0 with no `layers`: every block."""
-    components: list[Literal["attention", "mlp", "norms", "embeddings", "head"]] = field(default_factory=list)
-    """Parts to train; empty: all parts of the chosen blocks. Embeddings, head and final norms are outside the
-    blocks and are trained only when named here."""
-    biases_only: bool = False
-    """Train only bias vectors of the selection (BitFit)."""
-
-
-@dataclass
-class PromptTuningConfig:
-    """Prompt tuning: N trainable virtual-token embeddings prepended to every input (encoder input for seq2seq)."""
-
-    num_virtual_tokens: int = 20
-    """Virtual tokens N (typical: 20-100); trainable parameters: N * hidden size."""
-    init: Literal["text", "random"] = "text"
-    """Start from the embeddings of `init_text` (repeated or cut to N tokens), or from random vectors."""
-    init_text: str = "Summarize the outcome of this paper"
-    """Text whose token embeddings initialise the prompt (with `init: text`)."""
-    tokenizer: str | None = None
-    """Tokenizer for `init_text` (a folder or Hub id); null: the base model's own."""
-
-
-@dataclass
-class PrefixTuningConfig:
-    """Prefix tuning: N trainable key/value vectors prepended in the attention of every layer (decoder-only models)."""
-
-    num_virtual_tokens: int = 20
-    """Prefix length N; trainable parameters: N * layers * 2 * key/value width."""
-    init: Literal["text", "random"] = "text"
-    """Start from the keys/values the base model computes for `init_text` (so a fresh prefix reads as that text),
-    or from random N(0, 1) vectors (PEFT's default)."""
-    init_text: str = "Summarize the outcome of this paper"
-    """Text whose keys/values initialise the prefix (with `init: text`)."""
-    tokenizer: str | None = None
-    """Tokenizer for `init_text` (a folder or Hub id); null: the base model's own."""
-
-
-@dataclass
-class AdaptionPromptConfig:
-    """LLaMA-Adapter: learned prompts attended by the top layers through a zero-initialised gate (fresh ≡ base)."""
-
-    adapter_len: int = 10
-    """Prompt tokens per adapted layer."""
-    adapter_layers: int = 8
-    """How many of the top decoder layers get a prompt."""
-
-
-@dataclass
-class BottleneckConfig:
-    """Bottleneck adapters: h + up(act(down(h))) on a sublayer's output, the up-projection zero-initialised."""
-
-    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
-    """houlsby: after the attention and after the feed-forward block of every layer; pfeiffer: after the feed-forward only."""
-    reduction_factor: int = 16
-    """Bottleneck width = hidden size / reduction_factor."""
-    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    """Non-linearity between the down- and up-projection."""
 
 
 @dataclass
@@ -300,35 +193,25 @@ class GenerateConfig:
     """Sampling temperature (with do_sample)."""
     top_p: float = 1.0
     """Nucleus sampling mass (with do_sample)."""
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already in the text by this (1.0: off; 1.1-1.3 curbs loops)."""
+    no_repeat_ngram_size: int = 0
+    """Never generate the same N-gram twice (0: off)."""
 
 
 @dataclass
-class RunConfig:
-    """A whole run: `peftkit train CONFIG.yaml`."""
+class RunSettings:
+    """A whole run (`peftkit train CONFIG.yaml`) without its method sections: RunConfig adds one field per
+    section the method registry declares (`lora:`, `quant:`, `prompt_tuning:`, ...)."""
 
     model: str = "smollm2-135m"
     """A built-in name (`smollm2-135m`, `all-minilm-l6-v2`), a local transformers folder, or a Hugging Face Hub id."""
     task: Literal["generation", "embedding", "classification"] = "generation"
     """What the model learns: text generation (causal or seq2seq LM), sentence embeddings for retrieval
     (contrastive, see `embedding:`), or sequence classification (LoRA + a trained head, see `classification:`)."""
-    method: Literal[
-        "lora", "qlora", "prompt_tuning", "prefix_tuning", "adaption_prompt", "bottleneck", "selective", "full"
-    ] = "lora"
-    """The fine-tuning method."""
+    method: str = "lora"
+    """The fine-tuning method: one of the registry's (`lora`, `qlora`, ..., `full`; see methods/registry.py)."""
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    """Base-model quantization, used by `method: qlora`."""
-    selective: SelectiveConfig = field(default_factory=SelectiveConfig)
-    """Which base tensors `method: selective` trains."""
-    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
-    """Soft prompt of `method: prompt_tuning`."""
-    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
-    """Key/value prefixes of `method: prefix_tuning`."""
-    adaption_prompt: AdaptionPromptConfig = field(default_factory=AdaptionPromptConfig)
-    """Gated prompts of `method: adaption_prompt` (LLaMA-Adapter)."""
-    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
-    """Houlsby / Pfeiffer adapters of `method: bottleneck`."""
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
@@ -342,8 +225,42 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+@functools.cache
+def run_config_class() -> type:
+    """RunConfig: RunSettings plus a section per registry entry, and `method` limited to the registry's names.
+
+    Built on first use, so `import peftkit.config` stays free of torch (the registry imports the methods'
+    layers); `RunConfig` and the method sections' classes are read through this module's `__getattr__`.
+    """
+    from .methods.registry import METHODS, SECTIONS  # on first use: importing the registry loads torch
+
+    fields: list[Any] = [("method", Literal[tuple(METHODS)], field(default="lora"))]  # type: ignore[valid-type]
+    fields += [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()]
+    cls = dataclasses.make_dataclass("RunConfig", fields, bases=(RunSettings,))
+    cls.__module__, cls.__doc__ = __name__, "A whole run: `peftkit train CONFIG.yaml`."
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """`RunConfig`, `PACKABLE_METHODS` and the method sections' classes (`LoraConfig`...), from the registry."""
+    if name == "RunConfig":
+        return run_config_class()
+    from .methods.registry import SECTIONS, packable_methods
+
+    if name == "PACKABLE_METHODS":
+        return packable_methods()
+    classes = {cls.__name__: cls for cls in SECTIONS.values()}
+    if name in classes:
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, collecting every error with its dotted path.
+
+
+PLAIN_TYPE_NAMES = {float: "a number", int: "a whole number", str: "text", bool: "true or false"}
+"""How error messages name scalar types: a newcomer reads "expected a number", not "expected float"."""
 
 
 def _type_name(tp: Any) -> str:
@@ -356,7 +273,7 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return getattr(tp, "__name__", str(tp))
+    return PLAIN_TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
@@ -404,7 +321,7 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         except ValueError:
             pass
     if tp in (int, float) and isinstance(value, bool):
-        errors.append(f"{path}: expected {tp.__name__}, got {value!r}")
+        errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return value
     if not isinstance(value, tp):
         errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
@@ -433,18 +350,6 @@ def _build(cls: type, raw: dict[str, Any], path: str, errors: list[str]) -> Any:
 def _check_values(cfg: RunConfig, errors: list[str]) -> None:
     """Ranges the types cannot express."""
     checks = [
-        (cfg.lora.r >= 1, "lora.r", "must be at least 1 (typical: 4-64)"),
-        (cfg.lora.alpha > 0, "lora.alpha", "must be positive (typical: r or 2*r)"),
-        (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
-        (cfg.selective.top_layers >= 0, "selective.top_layers", "must be non-negative (0 with no layers: every block)"),
-        (cfg.prompt_tuning.num_virtual_tokens >= 1, "prompt_tuning.num_virtual_tokens", "must be at least 1 (typical: 20-100)"),
-        (cfg.prefix_tuning.num_virtual_tokens >= 1, "prefix_tuning.num_virtual_tokens", "must be at least 1 (typical: 10-30)"),
-        (cfg.adaption_prompt.adapter_len >= 1, "adaption_prompt.adapter_len", "must be at least 1 (typical: 10)"),
-        (cfg.adaption_prompt.adapter_layers >= 1, "adaption_prompt.adapter_layers", "must be at least 1"),
-        (cfg.bottleneck.reduction_factor >= 1, "bottleneck.reduction_factor", "must be at least 1 (typical: 8-64)"),
-        (not (cfg.method == "prefix_tuning" and cfg.train.gradient_checkpointing), "train.gradient_checkpointing",
-         "prefix tuning injects its prefix through the key/value cache, which recomputation in backward would "
-         "extend twice; set train.gradient_checkpointing: false"),
         (cfg.train.epochs > 0, "train.epochs", "must be positive"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
@@ -458,8 +363,6 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
         (0 <= cfg.data.val_ratio < 1, "data.val_ratio", "must be in [0, 1)"),
         (0 <= cfg.data.test_ratio < 1, "data.test_ratio", "must be in [0, 1)"),
         (cfg.data.val_ratio + cfg.data.test_ratio < 1, "data", "val_ratio + test_ratio must be below 1"),
-        (not cfg.data.packing or cfg.method in PACKABLE_METHODS, "data.packing",
-         f"method {cfg.method!r} cannot use packed sequences (packable: {', '.join(PACKABLE_METHODS)}); set data.packing: false"),
         (all(m.weight > 0 for m in cfg.data.mixture), "data.mixture", "every weight must be positive"),
         (all((m.dataset is None) != (m.train is None) for m in cfg.data.mixture), "data.mixture",
          "each entry needs exactly one of `dataset` (built-in) or `train` (a file)"),
@@ -471,14 +374,39 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
         (cfg.generate.num_samples >= 0, "generate.num_samples", "must be non-negative"),
         (cfg.generate.temperature > 0, "generate.temperature", "must be positive"),
         (0 < cfg.generate.top_p <= 1, "generate.top_p", "must be in (0, 1]"),
+        (cfg.generate.repetition_penalty > 0, "generate.repetition_penalty", "must be positive (1.0: off)"),
+        (cfg.generate.no_repeat_ngram_size >= 0, "generate.no_repeat_ngram_size", "must be non-negative (0: off)"),
     ]
     for ok, key, message in checks:
         if not ok:
             errors.append(f"{key}: {message}")
+    _check_method(cfg, errors)
     if cfg.task != "generation":
         _check_encoder_task(cfg, errors)
     if cfg.data.dataset is None and cfg.data.train is None and not cfg.data.mixture:
         errors.append("data: give either `dataset` (e.g. aclsum/outcome) or a `train` file")
+
+
+def _check_method(cfg: Any, errors: list[str]) -> None:
+    """Each section's own ranges, and what the chosen method's capabilities rule out."""
+    from .methods.registry import METHODS, packable_methods  # loaded with RunConfig already
+
+    for method in METHODS.values():
+        for name in method.sections:
+            errors.extend(method.check(getattr(cfg, name)) if method.check else [])
+    method = METHODS.get(cfg.method)
+    if method is None:
+        return  # the type check already said which methods there are
+    if cfg.data.packing and not method.capabilities.packable:
+        errors.append(f"data.packing: method {cfg.method!r} cannot use packed sequences "
+                      f"(packable: {', '.join(packable_methods())}); set data.packing: false")
+    refusal = method.capabilities.gradient_checkpointing
+    if refusal and cfg.train.gradient_checkpointing:
+        errors.append(f"train.gradient_checkpointing: {refusal}; set train.gradient_checkpointing: false")
+    if cfg.data.add_special_tokens and not method.capabilities.added_tokens:
+        able = [name for name, m in METHODS.items() if m.capabilities.added_tokens]
+        errors.append(f"data.add_special_tokens: the resized embeddings must be saved with the adapter, and method "
+                      f"{cfg.method!r} cannot; use {' or '.join(able)}")
 
 
 ENCODER_DATASETS = {
@@ -513,17 +441,42 @@ def _check_encoder_task(cfg: RunConfig, errors: list[str]) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.epochs=1` -> (["train", "epochs"], 1); the value is parsed as YAML."""
+    """`train.epochs=1` -> (["train", "epochs"], 1); the value is parsed as YAML, except that a text field
+    whose value YAML reads as something else keeps the literal text (`data.prompt={question}` is the
+    template "{question}", not a mapping)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set train.epochs=1")
     key, _, raw = text.partition("=")
     if not key.strip():
         raise ConfigError(f"--set {text!r}: the key is empty; expected dotted.key=value")
+    keys = key.strip().split(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    annotation = field_annotation(keys)
+    if annotation is not None and _fits("text", annotation) and not _fits(value, annotation):
+        return keys, raw
+    return keys, value
+
+
+def field_annotation(keys: list[str]) -> Any:
+    """The type annotation of the RunConfig field at a dotted path, or None when there is no such field."""
+    annotation: Any = run_config_class()
+    for key in keys:
+        if not dataclasses.is_dataclass(annotation):
+            return None
+        hints = typing.get_type_hints(annotation)
+        if key not in hints:
+            return None
+        annotation = hints[key]
+    return annotation
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    trial: list[str] = []
+    _coerce(value, annotation, "", trial)
+    return not trial
 
 
 def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -561,31 +514,59 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a plain dict; raise one ConfigError listing every problem."""
+FILE_KEYS = ("train", "mixture")
+"""`data` keys that name the run's own files; given, they replace the built-in `data.dataset`."""
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config", overridden: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a plain dict; raise one ConfigError listing every problem (those of `overridden` dotted keys
+    under the heading `--set`)."""
     errors: list[str] = []
-    cfg = _build(RunConfig, raw, "", errors)
+    cfg = _build(run_config_class(), files_replace_dataset(raw, errors), "", errors)
     _check_values(cfg, errors)
     if errors:
-        listing = "\n".join(f"  - {e}" for e in errors)
-        raise ConfigError(f"{source}: {len(errors)} problem(s):\n{listing}")
+        from_set = [e for e in errors if any(e.startswith(k + ":") or e.startswith(k + ".") or e.startswith(k + "[") for k in overridden)]
+        groups = [(source, [e for e in errors if e not in from_set]), ("--set", from_set)]
+        raise ConfigError("\n".join(f"{name}: {len(group)} problem(s):\n" + "\n".join(f"  - {e}" for e in group)
+                                     for name, group in groups if group))
     return cfg
 
 
+def files_replace_dataset(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """`raw` with `data.dataset` null when `data.train` or `data.mixture` is given, so the run's header and
+    config.yaml name the data that trains; naming a built-in dataset beside them is an error."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or not any(data.get(key) for key in FILE_KEYS):
+        return raw
+    if data.get("dataset") is not None:
+        errors.append(f"data.dataset: {data['dataset']!r} and `data.train` / `data.mixture` are both given; the files "
+                      "replace the built-in dataset, so remove data.dataset (or the files)")
+    return {**raw, "data": {**data, "dataset": None}}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides; files given by
+    an override replace the config's built-in dataset."""
     raw = read_yaml(path) if path is not None else {}
+    overridden = []
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(raw, keys, value)
-    return config_from_dict(raw, source=str(path) if path else "defaults")
+        overridden.append(".".join(keys))
+    data = raw.get("data")
+    if isinstance(data, dict) and any(f"data.{key}" in overridden and data.get(key) for key in FILE_KEYS) and "data.dataset" not in overridden:
+        data.pop("dataset", None)
+    return config_from_dict(raw, source=str(path) if path else "--set", overridden=overridden)
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field, for `peftkit config --help`-style listings."""
+    """The docstring under each field, for `peftkit config --help`-style listings (RunConfig: its
+    settings' docstrings, and each method section described by the method that declares it)."""
     import ast
     import inspect
 
+    if cls is run_config_class():
+        return {**field_docs(RunSettings), **_section_docs()}
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
@@ -593,3 +574,10 @@ def field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
     return docs
+
+
+def _section_docs() -> dict[str, str]:
+    """`lora` -> "Low-rank adapters ... (`method: lora`)", from the registry entry that declares the section."""
+    from .methods.registry import METHODS
+
+    return {name: f"{m.description} (`method: {m.name}`)" for m in METHODS.values() for name in m.sections}

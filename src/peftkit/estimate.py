@@ -28,9 +28,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import QuantConfig, RunConfig
-from .models import resolve_device, resolve_model_path
-from .precision import resolve_dtype
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from .adapters import AdaptedModel
+from .architectures import architecture_of
+from .config import RunConfig
+from .data.datasets import load_tasks
+from .methods.lora import LoraLinear
+from .methods.quant import QuantConfig, quantizable_paths
+from .methods.registry import get_method
+from .methods.selective import block_position
+from .models import load_tokenizer, resolve_device, resolve_model_path
+from .precision import choose_dtype
+from .train.data import build_train_data, epoch_batches
+from .train.optim import effective_optimizer
+from .train.setup import ADAPTER_NAME
 
 RUNTIME_BYTES = 450 * 2**20
 """Python with torch, transformers, the tokenizer and the data loaded (measured on CPU: ~0.45 GB RSS)."""
@@ -91,21 +103,16 @@ class MemoryEstimate:
 
 def meta_model(cfg: RunConfig) -> nn.Module:
     """The configured model with its method attached, on the meta device (shapes only, no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from .adapters import AdaptedModel
-    from .train.setup import ADAPTER_NAME, METHOD_SECTION
-
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    method = get_method(cfg.method)
     with torch.device("meta"):
         model = cls.from_config(config)
         adapted = AdaptedModel(model)
-        if cfg.method == "full":
-            for p in model.parameters():
-                p.requires_grad_(True)
-        else:
-            adapted.add_adapter(ADAPTER_NAME, getattr(cfg, METHOD_SECTION.get(cfg.method, cfg.method)))
+        if method.section is None:  # full fine-tuning: every weight trains
+            method.prepare_base(model, cfg)  # type: ignore[misc]
+        else:  # a quantized base is counted from the quant config (quantized_bytes), not built on meta
+            adapted.add_adapter(ADAPTER_NAME, getattr(cfg, method.section))
     return adapted
 
 
@@ -121,8 +128,6 @@ def quantized_bytes(numel: int, out_features: int, quant: QuantConfig) -> float:
 
 def weight_bytes(adapted: nn.Module, cfg: RunConfig, dtype_bytes: int) -> float:
     """Frozen base in the run's dtype (quantized layers as bitsandbytes stores them); trained tensors in fp32."""
-    from .methods.quant import quantizable_paths
-
     quantized = set(quantizable_paths(adapted.model, cfg.quant)) if cfg.method == "qlora" else set()
     total, seen = 0.0, set()
     for path, module in adapted.model.named_modules():
@@ -144,8 +149,6 @@ def dequantized_bytes(adapted: nn.Module, cfg: RunConfig) -> int:
     every forward and backward; freed, they leave that much more slack in malloc's heaps."""
     if cfg.method != "qlora":
         return 0
-    from .methods.quant import quantizable_paths
-
     modules = dict(adapted.model.named_modules())
     return sum(4 * modules[path].weight.numel() for path in quantizable_paths(adapted.model, cfg.quant))
 
@@ -171,9 +174,6 @@ def block_floats(adapted: nn.Module, hidden: int, mlp: int) -> list[float]:
     A trained tensor at the input side (a soft prompt, a prefix, the embeddings) needs the gradient
     to reach the first block, so every block keeps at least the frozen path.
     """
-    from .methods.lora import LoraLinear
-    from .methods.selective import block_position
-
     trained_matrices: dict[tuple[str, int], bool] = {}
     extra: dict[tuple[str, int], float] = {}
     norm_inputs: dict[tuple[str, int], float] = {}
@@ -237,20 +237,13 @@ def activation_bytes(adapted: nn.Module, batch: BatchShape, dtype_bytes: int, vi
 
 def run_batches(cfg: RunConfig) -> list[BatchShape]:
     """The shape of every step's (micro-)batch in this run's training order (tokenizes the config's data)."""
-    from transformers import AutoConfig
-
-    from .config import PACKABLE_METHODS
-    from .data.datasets import load_tasks
-    from .models import load_tokenizer
-    from .train.attention import PADDING_FREE_TYPES
-    from .train.data import build_train_data, epoch_batches
-
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
     config = AutoConfig.from_pretrained(path)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    flat = (cfg.train.padding_free and cfg.method in PACKABLE_METHODS and not seq2seq
-            and getattr(config, "model_type", None) in PADDING_FREE_TYPES)  # one unpadded row per forward
+    arch = architecture_of(config)
+    flat = (cfg.train.padding_free and get_method(cfg.method).capabilities.padding_free and not seq2seq
+            and arch is not None and arch.padding_free)  # one unpadded row per forward
     data = build_train_data(cfg, load_tasks(cfg.data, cfg.train.seed), tokenizer, seq2seq)
     per_epoch = math.ceil(len(data.units) / cfg.train.batch_size)
     steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
@@ -269,10 +262,8 @@ def run_batches(cfg: RunConfig) -> list[BatchShape]:
 
 def estimate_memory(cfg: RunConfig, batches: list[BatchShape] | None = None) -> MemoryEstimate:
     """Peak training memory of `cfg` over `batches` (default: the run's own batches, from its data)."""
-    from .train.optim import effective_optimizer
-
     device = resolve_device(cfg.train.device)
-    dtype = torch.float32 if cfg.method == "full" else resolve_dtype(cfg.train.precision, device)
+    dtype, _ = choose_dtype(cfg.train.precision, device, full_finetune=cfg.method == "full")
     dtype_bytes = torch.finfo(dtype).bits // 8
     adapted = meta_model(cfg)
     trainable, total = adapted.trainable_counts()

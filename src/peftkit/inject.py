@@ -20,27 +20,6 @@ from .methods.base import AdapterLayerMixin
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
-# q and v attention projections per architecture (the LoRA paper's default placement).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "vit": ["q_proj", "v_proj"],  # transformers 5 names (4.x: query, value)
-    "whisper": ["q_proj", "v_proj"],
-}
-
 T = TypeVar("T", bound=nn.Module)
 
 
@@ -56,28 +35,15 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {path for path, mod in model.named_modules() if head is not None and mod is head}
 
 
-def _is_match(path: str, targets: str | Sequence[str]) -> bool:
+def is_match(path: str, targets: str | Sequence[str]) -> bool:
+    """Does module `path` match `targets`: a regex (full match) or names matched exactly or as a dotted suffix?"""
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(
-            f"no default target_modules for model type {model_type!r}; set lora.target_modules to some of: "
-            f"{', '.join(linear_layer_names(model))} (or 'all-linear')"
-        )
-    return DEFAULT_TARGETS[model_type]
-
-
-def match_targets(
-    model: nn.Module, targets: str | Sequence[str] | None, types: tuple[type, ...] = LINEAR_TYPES
-) -> list[str]:
+def match_targets(model: nn.Module, targets: str | Sequence[str], types: tuple[type, ...] = LINEAR_TYPES) -> list[str]:
     """Paths of the modules of `types` that `targets` names (exact, suffix, regex or 'all-linear')."""
-    if targets is None:
-        targets = default_targets(model)
     heads = _output_head_names(model)
     found = []
     wrappers = tuple(p + "." for p, m in model.named_modules() if isinstance(m, AdapterLayerMixin))
@@ -90,7 +56,7 @@ def match_targets(
         if targets == "all-linear":
             if path not in heads:
                 found.append(path)
-        elif _is_match(path, targets):
+        elif is_match(path, targets):
             found.append(path)
     if not found:
         raise ConfigError(
@@ -102,7 +68,7 @@ def match_targets(
 
 def match_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Paths of any modules (not only linear) whose name is or ends with one of `names`."""
-    found = [p for p, m in model.named_modules() if p and _is_match(p, names) and not isinstance(m, AdapterLayerMixin)]
+    found = [p for p, m in model.named_modules() if p and is_match(p, names) and not isinstance(m, AdapterLayerMixin)]
     found = [p for p in found if ".original_module" not in p and ".modules_to_save." not in p]
     missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in found)]
     if missing:

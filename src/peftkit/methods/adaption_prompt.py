@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import math
 from typing import Any
 
@@ -21,9 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..config import AdaptionPromptConfig
 from ..errors import ConfigError
-from .base import AdapterLayerMixin
+from ..inject import wrap_module
+from .base import AdapterLayerMixin, Capabilities, Method
+
+
+@dataclass
+class AdaptionPromptConfig:
+    """LLaMA-Adapter: learned prompts attended by the top layers through a zero-initialised gate (fresh ≡ base)."""
+
+    adapter_len: int = 10
+    """Prompt tokens per adapted layer."""
+    adapter_layers: int = 8
+    """How many of the top decoder layers get a prompt."""
 
 ATTENTION_MODULES = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
 
@@ -114,8 +126,6 @@ def attention_paths(model: nn.Module, adapter_layers: int) -> tuple[str, list[st
 
 
 def attach(model: nn.Module, name: str, config: AdaptionPromptConfig) -> list[str]:
-    from ..inject import wrap_module
-
     _, paths = attention_paths(model, config.adapter_layers)
     model_type = model.config.model_type
     for path in paths:
@@ -134,3 +144,20 @@ def model_keys(model: nn.Module, config: AdaptionPromptConfig) -> dict[str, Any]
 
 def from_peft_config(raw: dict[str, Any]) -> AdaptionPromptConfig:
     return AdaptionPromptConfig(adapter_len=int(raw.get("adapter_len")), adapter_layers=int(raw.get("adapter_layers")))
+
+
+def check(config: AdaptionPromptConfig) -> list[str]:
+    checks = [
+        (config.adapter_len >= 1, "adaption_prompt.adapter_len: must be at least 1 (typical: 10)"),
+        (config.adapter_layers >= 1, "adaption_prompt.adapter_layers: must be at least 1"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+METHOD = Method(
+    "adaption_prompt", "LLaMA-Adapter: learned prompts attended by the top layers through a zero-initialised gate",
+    Capabilities(mergeable=False, packable=True),
+    sections={"adaption_prompt": AdaptionPromptConfig}, section="adaption_prompt", config_cls=AdaptionPromptConfig,
+    attach=attach, to_peft_config=to_peft_config, from_peft_config=from_peft_config, peft_type="ADAPTION_PROMPT",
+    model_keys=model_keys, check=check,
+)

@@ -1,13 +1,13 @@
 """The contract every method honours, and the bookkeeping its layers share.
 
 A method is a file with (1) a config dataclass, (2) layers that satisfy `AdapterLayer`, and (3) a
-`Method` entry in `methods/__init__.py`. inject.py places the layers; the layers never place
+`METHOD = Method(...)` entry listed in `methods/registry.py`. inject.py places the layers; the layers never place
 themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -127,21 +127,58 @@ class AdapterLayerMixin:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; config checks, the trainer, the estimator, serving and the tests read these."""
+
+    mergeable: bool
+    """The trained update folds into the base weights (merge, `peftkit merge`)."""
+    packable: bool
+    """Its parameters act per token, so packed examples (and padding-free rows) stay independent (a soft
+    prompt or prefix is prepended once per sequence, not once per packed example)."""
+    row_routable: bool = False
+    """Serving can mix its adapters per batch row (gathered B A matmuls); others get batches of their own."""
+    quantizable_base: bool = False
+    """It trains on a 4/8-bit quantized base (its layers wrap bitsandbytes linears)."""
+    identity_init: bool = True
+    """A fresh adapter leaves every output unchanged (soft prompts and prefixes do not)."""
+    added_tokens: bool = False
+    """It can train and save resized embedding / head rows beside the adapter (`data.add_special_tokens`)."""
+    gradient_checkpointing: str | None = None
+    """None: works under gradient checkpointing; else why it refuses."""
+
+    @property
+    def padding_free(self) -> bool:
+        """Padding-free rows are packed rows with per-example attention: the same per-token condition."""
+        return self.packable
+
+
+@dataclass(frozen=True)
 class Method:
-    """One registry line: how the rest of peftkit talks to a method."""
+    """One registry entry: everything the rest of peftkit knows about a method, declared in the method's file."""
 
     name: str
-    config_cls: type
-    attach: Callable[[nn.Module, str, Any], list[str]]
+    description: str
+    capabilities: Capabilities
+    sections: dict[str, type] = field(default_factory=dict)
+    """The run-config sections this file declares (`lora:` -> LoraConfig); RunConfig is built from them."""
+    section: str | None = None
+    """The section holding the adapter's config (qlora reads `lora:`); None for a method without an adapter (full)."""
+    config_cls: type | None = None
+    """The adapter config's class (the class of `section`)."""
+    attach: Callable[[nn.Module, str, Any], list[str]] | None = None
     """attach(model, adapter_name, config) -> the module paths it adapted (via inject.py)."""
-    to_peft_config: Callable[[Any], dict[str, Any]]
+    to_peft_config: Callable[[Any], dict[str, Any]] | None = None
     """The method's keys for adapter_config.json (PEFT's own keys where PEFT has the method)."""
-    from_peft_config: Callable[[dict[str, Any]], Any]
+    from_peft_config: Callable[[dict[str, Any]], Any] | None = None
     """Inverse of `to_peft_config`."""
-    peft_type: str
+    peft_type: str | None = None
     model_keys: Callable[[nn.Module, Any], dict[str, Any]] | None = None
     """model_keys(model, config) -> adapter_config.json keys that describe the base (PEFT's token_dim, num_layers...)."""
     to_file_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     """Rename the adapter's tensors for its file (prompt-learning methods store one bare `prompt_embeddings`)."""
     from_file_state: Callable[[dict[str, torch.Tensor], list[str], Any], dict[str, torch.Tensor]] | None = None
     """from_file_state(file tensors, expected keys, config) -> tensors under the expected keys (inverse of the above)."""
+    prepare_base: Callable[[nn.Module, Any], None] | None = None
+    """prepare_base(model, run_config) before the adapter is attached: QLoRA quantizes, full unfreezes."""
+    check: Callable[[Any], list[str]] | None = None
+    """check(section config) -> problems (`lora.r: must be at least 1`) the types cannot express."""

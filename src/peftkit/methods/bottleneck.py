@@ -17,15 +17,29 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..config import BottleneckConfig
 from ..errors import ConfigError
-from .base import AdapterLayerMixin
+from ..inject import match_targets, wrap_module
+from .base import AdapterLayerMixin, Capabilities, Method
 from .lora import linear_shape
+
+
+@dataclass
+class BottleneckConfig:
+    """Bottleneck adapters: h + up(act(down(h))) on a sublayer's output, the up-projection zero-initialised."""
+
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: after the attention and after the feed-forward block of every layer; pfeiffer: after the feed-forward only."""
+    reduction_factor: int = 16
+    """Bottleneck width = hidden size / reduction_factor."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Non-linearity between the down- and up-projection."""
 
 PEFT_TYPE = "PEFTKIT_BOTTLENECK"
 _LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
@@ -93,8 +107,6 @@ def sublayer_targets(model: nn.Module, placement: str) -> list[str]:
 
 
 def attach(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:
-    from ..inject import match_targets, wrap_module
-
     paths = match_targets(model, sublayer_targets(model, config.placement))
     for path in paths:
         wrap_module(model, path, BottleneckAdapter).add_adapter(name, config)
@@ -123,3 +135,16 @@ def from_peft_config(raw: dict[str, Any]) -> BottleneckConfig:
     if placement not in ("houlsby", "pfeiffer") or activation not in ACTIVATIONS:
         raise ValueError(f"placement {placement!r} / activation {activation!r} are not ones peftkit knows")
     return BottleneckConfig(placement=placement, reduction_factor=int(section.get("reduction_factor")), activation=activation)
+
+
+def check(config: BottleneckConfig) -> list[str]:
+    return [] if config.reduction_factor >= 1 else ["bottleneck.reduction_factor: must be at least 1 (typical: 8-64)"]
+
+
+METHOD = Method(
+    "bottleneck", "Houlsby / Pfeiffer adapters on the attention and feed-forward outputs",
+    Capabilities(mergeable=False, packable=True),
+    sections={"bottleneck": BottleneckConfig}, section="bottleneck", config_cls=BottleneckConfig,
+    attach=attach, to_peft_config=to_peft_config, from_peft_config=from_peft_config, peft_type=PEFT_TYPE,
+    model_keys=model_keys, check=check,
+)

@@ -11,18 +11,44 @@ m starts at ||W||, so a fresh DoRA adapter changes nothing either.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import copy
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import LoraConfig
-from ..errors import AdapterError
-from .base import AdapterLayerMixin
+from ..architectures import architecture_of, model_type, unique
+from ..errors import AdapterError, ConfigError
+from ..inject import linear_layer_names, match_modules, match_targets, wrap_module
+from .base import AdapterLayerMixin, Capabilities, Method
 from .quant import CONV1D_SOURCE, dense_weight, is_quantized
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters beside chosen linear layers: W x + (alpha / r) * B A dropout(x)."""
+
+    r: int = 16
+    """Rank of the update (trainable parameters per layer: r * (in + out))."""
+    alpha: float = 32.0
+    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input path."""
+    target_modules: list[str] | str | None = None
+    """Module names (exact or suffix), a regex string, `all-linear`, or null for the architecture's q/v default."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained fully and saved with the adapter (e.g. a classification head `score`)."""
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """Initialisation of A (B is always zero, so a fresh adapter changes nothing)."""
+    use_dora: bool = False
+    """DoRA: also learn a magnitude per output feature, m * (W + BA) / ||W + BA|| (PEFT's `use_dora`)."""
 
 LORA_TYPES = (nn.Linear, Conv1D)
 
@@ -218,8 +244,6 @@ class ModulesToSave(nn.Module, AdapterLayerMixin):
         return self.original_module
 
     def add_adapter(self, name: str, config: Any = None) -> None:
-        import copy
-
         copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():
             p.requires_grad_(True)
@@ -268,8 +292,6 @@ def from_file_state(state: dict[str, torch.Tensor], expected: list[str], config:
 
 
 def from_peft_config(raw: dict[str, Any]) -> LoraConfig:
-    from ..errors import AdapterError
-
     for key, why in (("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas")):
         if raw.get(key):
             raise AdapterError(f"adapter_config.json uses {why} ({key}), which this peftkit version does not load")
@@ -288,3 +310,44 @@ def from_peft_config(raw: dict[str, Any]) -> LoraConfig:
         modules_to_save=list(raw.get("modules_to_save") or []),
         init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
     )
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The query and value projections (the LoRA paper's placement), from the architectures table."""
+    arch = architecture_of(model)
+    if arch is None:
+        raise ConfigError(
+            f"no default target_modules for model type {model_type(model)!r}; set lora.target_modules to some of: "
+            f"{', '.join(linear_layer_names(model))} (or 'all-linear')"
+        )
+    return unique(arch.query, arch.value)
+
+
+def attach(model: nn.Module, name: str, config: LoraConfig) -> list[str]:
+    """Wrap the target linears in LoraLinear and the modules_to_save in ModulesToSave (via inject.py)."""
+    saved = match_modules(model, config.modules_to_save) if config.modules_to_save else []
+    targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    paths = [p for p in match_targets(model, targets) if p not in saved]  # a saved module trains whole
+    for path in paths:
+        wrap_module(model, path, LoraLinear).add_adapter(name, config)
+    for path in saved:
+        wrap_module(model, path, ModulesToSave).add_adapter(name)
+    return paths
+
+
+def check(config: LoraConfig) -> list[str]:
+    checks = [
+        (config.r >= 1, "lora.r: must be at least 1 (typical: 4-64)"),
+        (config.alpha > 0, "lora.alpha: must be positive (typical: r or 2*r)"),
+        (0 <= config.dropout < 1, "lora.dropout: must be in [0, 1)"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+METHOD = Method(
+    "lora", "Low-rank adapters beside chosen linear layers (rsLoRA and DoRA through lora.*)",
+    Capabilities(mergeable=True, packable=True, row_routable=True, quantizable_base=True, added_tokens=True),
+    sections={"lora": LoraConfig}, section="lora", config_cls=LoraConfig, attach=attach, to_peft_config=to_peft_config,
+    from_peft_config=from_peft_config, peft_type="LORA", to_file_state=to_file_state, from_file_state=from_file_state,
+    check=check,
+)

@@ -16,22 +16,41 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..config import PrefixTuningConfig
 from ..errors import AdapterError, ConfigError
-from .base import AdapterLayerMixin
+from ..inject import wrap_module
+from .base import AdapterLayerMixin, Capabilities, Method
 from .prompt_tuning import (
+    from_file_state,
     input_embedding_path,
     prepend_ones,
     prompt_learning_keys,
     require_token_inputs,
     text_token_ids,
+    to_file_state,
 )
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning: N trainable key/value vectors prepended in the attention of every layer (decoder-only models)."""
+
+    num_virtual_tokens: int = 20
+    """Prefix length N; trainable parameters: N * layers * 2 * key/value width."""
+    init: Literal["text", "random"] = "text"
+    """Start from the keys/values the base model computes for `init_text` (so a fresh prefix reads as that text),
+    or from random N(0, 1) vectors (PEFT's default)."""
+    init_text: str = "Summarize the outcome of this paper"
+    """Text whose keys/values initialise the prefix (with `init: text`)."""
+    tokenizer: str | None = None
+    """Tokenizer for `init_text` (a folder or Hub id); null: the base model's own."""
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -110,8 +129,6 @@ def text_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def attach(model: nn.Module, name: str, config: PrefixTuningConfig) -> list[str]:
-    from ..inject import wrap_module
-
     require_token_inputs(model, "prefix tuning")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError(
@@ -147,3 +164,21 @@ def from_peft_config(raw: dict[str, Any]) -> PrefixTuningConfig:
     if raw.get("num_transformer_submodules") == 2:
         raise AdapterError("an encoder-decoder prefix (num_transformer_submodules 2) is not supported; see prefix_tuning.py")
     return PrefixTuningConfig(num_virtual_tokens=int(raw.get("num_virtual_tokens")), init="random")
+
+
+def check(config: PrefixTuningConfig) -> list[str]:
+    ok = config.num_virtual_tokens >= 1
+    return [] if ok else ["prefix_tuning.num_virtual_tokens: must be at least 1 (typical: 10-30)"]
+
+
+METHOD = Method(
+    "prefix_tuning", "Trainable key/value prefixes in the attention of every layer (Li & Liang)",
+    Capabilities(
+        mergeable=False, packable=False, identity_init=False,
+        gradient_checkpointing="prefix tuning injects its prefix through the key/value cache, which recomputation "
+        "in backward would extend twice",
+    ),
+    sections={"prefix_tuning": PrefixTuningConfig}, section="prefix_tuning", config_cls=PrefixTuningConfig,
+    attach=attach, to_peft_config=to_peft_config, from_peft_config=from_peft_config, peft_type="PREFIX_TUNING",
+    model_keys=model_keys, to_file_state=to_file_state, from_file_state=from_file_state, check=check,
+)

@@ -14,16 +14,33 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PromptTuningConfig
 from ..errors import AdapterError, ConfigError
-from .base import AdapterLayerMixin
+from ..inject import adapter_layers, wrap_module
+from ..models import load_tokenizer
+from .base import AdapterLayerMixin, Capabilities, Method
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning: N trainable virtual-token embeddings prepended to every input (encoder input for seq2seq)."""
+
+    num_virtual_tokens: int = 20
+    """Virtual tokens N (typical: 20-100); trainable parameters: N * hidden size."""
+    init: Literal["text", "random"] = "text"
+    """Start from the embeddings of `init_text` (repeated or cut to N tokens), or from random vectors."""
+    init_text: str = "Summarize the outcome of this paper"
+    """Text whose token embeddings initialise the prompt (with `init: text`)."""
+    tokenizer: str | None = None
+    """Tokenizer for `init_text` (a folder or Hub id); null: the base model's own."""
 
 IGNORE_INDEX = -100
 FILE_KEY = "prompt_embeddings"
@@ -49,8 +66,6 @@ def input_embedding_path(model: nn.Module) -> str:
 
 def text_token_ids(model: nn.Module, text: str, tokenizer_path: str | None, count: int) -> torch.Tensor:
     """`text`'s token ids repeated or cut to `count` (PEFT's TEXT init), with the base's tokenizer by default."""
-    from ..models import load_tokenizer
-
     path = tokenizer_path or getattr(model.config, "_name_or_path", "")
     if not path:
         raise ConfigError("init: text needs a tokenizer: set `tokenizer` (a folder or Hub id) or use init: random")
@@ -153,8 +168,6 @@ def initial_prompt(model: nn.Module, config: PromptTuningConfig) -> torch.Tensor
 
 
 def attach(model: nn.Module, name: str, config: PromptTuningConfig) -> list[str]:
-    from ..inject import wrap_module
-
     require_token_inputs(model, "prompt tuning")
     path = input_embedding_path(model)
     prompt = initial_prompt(model, config)
@@ -175,8 +188,6 @@ def nearest_tokens(prompt: torch.Tensor, vocabulary: torch.Tensor, k: int = 5) -
 
 def soft_prompt_neighbours(adapted: nn.Module, tokenizer: Any, name: str | None = None, k: int = 5) -> list[list[tuple[str, float]]]:
     """For each virtual token of prompt-tuning adapter `name`: its k nearest vocabulary tokens and their cosine."""
-    from ..inject import adapter_layers
-
     name = name or adapted.active_adapter
     for _, layer in adapter_layers(adapted.model):
         if isinstance(layer, SoftPromptEmbedding) and name in layer.prompt_embeddings:
@@ -210,3 +221,17 @@ def from_peft_config(raw: dict[str, Any]) -> PromptTuningConfig:
         num_virtual_tokens=int(raw.get("num_virtual_tokens")), init="random",
         init_text=text if isinstance(text, str) else PromptTuningConfig.init_text,
     )
+
+
+def check(config: PromptTuningConfig) -> list[str]:
+    ok = config.num_virtual_tokens >= 1
+    return [] if ok else ["prompt_tuning.num_virtual_tokens: must be at least 1 (typical: 20-100)"]
+
+
+METHOD = Method(
+    "prompt_tuning", "Trainable virtual-token embeddings prepended to every input (Lester et al.)",
+    Capabilities(mergeable=False, packable=False, identity_init=False),
+    sections={"prompt_tuning": PromptTuningConfig}, section="prompt_tuning", config_cls=PromptTuningConfig,
+    attach=attach, to_peft_config=to_peft_config, from_peft_config=from_peft_config, peft_type="PROMPT_TUNING",
+    model_keys=model_keys, to_file_state=to_file_state, from_file_state=from_file_state, check=check,
+)

@@ -18,16 +18,33 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import QuantConfig
 from ..errors import ConfigError
+from ..inject import is_match, replace_module
 from ..precision import resolve_dtype
+from .base import AdapterLayerMixin
+
+
+@dataclass
+class QuantConfig:
+    """How `method: qlora` stores the frozen base's linear layers (bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    """4: NF4/FP4 blocks (QLoRA); 8: LLM.int8 (Linear8bitLt)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NF4 (normal-float, the QLoRA paper's) or FP4."""
+    double_quant: bool = True
+    """Quantize the per-block scales too (saves ~0.4 bits per weight)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of the matmuls: auto = bf16 where the device computes it natively, else fp32."""
+    skip_modules: list[str] = field(default_factory=list)
+    """Linear layers kept in full precision besides the output head and the model's own fp32 modules."""
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +131,6 @@ def _quant_state_bytes(state: Any) -> int:
 
 def quantizable_paths(model: nn.Module, config: QuantConfig) -> list[str]:
     """Linear / Conv1D layers to quantize: all but the output head, fp32-pinned modules and `skip_modules`."""
-    from ..inject import _is_match
-    from .base import AdapterLayerMixin
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(config.skip_modules)
     wrappers = [path for path, module in model.named_modules() if isinstance(module, AdapterLayerMixin)]
@@ -127,7 +141,7 @@ def quantizable_paths(model: nn.Module, config: QuantConfig) -> list[str]:
     return [
         path for path, module in model.named_modules()
         if isinstance(module, (nn.Linear, Conv1D)) and module is not head and not is_quantized(module)
-        and not (keep and _is_match(path, keep)) and not is_adapter_part(path)
+        and not (keep and is_match(path, keep)) and not is_adapter_part(path)
     ]
 
 
@@ -158,8 +172,6 @@ def quantized_linear(layer: nn.Module, config: QuantConfig, dtype: torch.dtype) 
 
 def quantize_base(model: nn.Module, config: QuantConfig, device: torch.device | str = "cpu") -> QuantReport:
     """Replace the base's linear layers by 4-bit / 8-bit bitsandbytes layers, in place (via inject.py)."""
-    from ..inject import replace_module
-
     _require_bitsandbytes()
     dtype = compute_dtype(config, torch.device(device))
     before = weight_bytes(model)
@@ -191,8 +203,6 @@ def dense_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every bitsandbytes layer (also inside adapter wrappers) by its dequantized float layer."""
-    from ..inject import replace_module
-
     paths = [path for path, module in model.named_modules() if is_quantized(module)]
     for path in paths:
         replace_module(model, path, dense_linear(model.get_submodule(path), dtype))

@@ -20,15 +20,32 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..config import SelectiveConfig
 from ..errors import ConfigError
-from .base import AdapterLayerMixin
+from ..inject import wrap_module
+from .base import AdapterLayerMixin, Capabilities, Method
+
+
+@dataclass
+class SelectiveConfig:
+    """Train chosen parts of the base model itself (no new layers); only those tensors are saved."""
+
+    layers: list[int] = field(default_factory=list)
+    """Transformer block indices to train (negative counts from the end); when given, `top_layers` is ignored."""
+    top_layers: int = 2
+    """Train the last N blocks of each stack (T5: of the encoder and of the decoder); 0 with no `layers`: every block."""
+    components: list[Literal["attention", "mlp", "norms", "embeddings", "head"]] = field(default_factory=list)
+    """Parts to train; empty: all parts of the chosen blocks. Embeddings, head and final norms are outside the
+    blocks and are trained only when named here."""
+    biases_only: bool = False
+    """Train only bias vectors of the selection (BitFit)."""
 
 PEFT_TYPE = "PEFTKIT_SELECTIVE"
 COMPONENTS = ("attention", "mlp", "norms", "embeddings", "head")
@@ -191,8 +208,6 @@ def _hint(sites: list[tuple[str, str, nn.Module, nn.Parameter]], config: Selecti
 
 def attach(model: nn.Module, name: str, config: SelectiveConfig) -> list[str]:
     """Wrap each module owning a selected tensor (via inject.py); returns the wrapped module paths."""
-    from ..inject import wrap_module
-
     targets = select(model, config)
     owners: dict[int, tuple[SelectiveLayer, str]] = {}
     own: dict[str, list[str]] = {}
@@ -238,3 +253,17 @@ def from_file_state(state: dict[str, torch.Tensor], expected: list[str], config:
     """Inverse of `to_file_state` for the keys this model expects (others pass through, to be reported)."""
     real = {key.replace(f".{CONTAINER}.", "."): key for key in expected}
     return {real.get(key, key): tensor for key, tensor in state.items()}
+
+
+def check(config: SelectiveConfig) -> list[str]:
+    ok = config.top_layers >= 0
+    return [] if ok else ["selective.top_layers: must be non-negative (0 with no layers: every block)"]
+
+
+METHOD = Method(
+    "selective", "Train chosen tensors of the base itself (layers, components, BitFit biases)",
+    Capabilities(mergeable=True, packable=True),
+    sections={"selective": SelectiveConfig}, section="selective", config_cls=SelectiveConfig, attach=attach,
+    to_peft_config=to_peft_config, from_peft_config=from_peft_config, peft_type=PEFT_TYPE,
+    to_file_state=to_file_state, from_file_state=from_file_state, check=check,
+)

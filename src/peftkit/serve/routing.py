@@ -25,6 +25,7 @@ import torch
 from .. import inject
 from ..adapters import AdaptedModel
 from ..methods.lora import LoraLinear, ModulesToSave
+from ..methods.registry import method_for_config
 
 PLAIN_LORA_ATTRS = ("lora_A", "lora_B", "lora_dropout")
 
@@ -161,7 +162,10 @@ def enable_row_routing(adapted: AdaptedModel, routing: RowRouting | None = None)
 
 
 def routable(adapted: AdaptedModel, name: str) -> bool:
-    """Can adapter `name` share a mixed batch? (plain LoRA in every layer it touches, no modules_to_save)"""
+    """Can adapter `name` share a mixed batch? (a row-routable method, plain LoRA in every layer it touches,
+    no modules_to_save)"""
+    if not method_for_config(adapted.adapter_configs[name]).capabilities.row_routable:
+        return False
     for _, layer in inject.adapter_layers(adapted.model):
         if name not in layer.adapter_names():
             continue

@@ -17,10 +17,10 @@ from torch import nn
 from ..adapters import AdaptedModel
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..methods.registry import get_method
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
-METHOD_SECTION = {"qlora": "lora"}  # QLoRA is LoRA on a quantized base: it reads the `lora:` section
 
 
 def add_special_tokens(model: nn.Module, tokenizer: Any, tokens: Sequence[str]) -> list[str]:
@@ -42,7 +42,10 @@ def embedding_module_names(model: nn.Module) -> list[str]:
 
 def method_config(cfg: RunConfig, model: nn.Module, resized: bool) -> Any:
     """The method's config; after adding tokens, the embedding and head train and save with the adapter."""
-    config = getattr(cfg, METHOD_SECTION.get(cfg.method, cfg.method))
+    section = get_method(cfg.method).section
+    if section is None:
+        raise ConfigError(f"method {cfg.method!r} attaches no adapter")
+    config = getattr(cfg, section)
     if not resized:
         return config
     if not hasattr(config, "modules_to_save"):
@@ -55,23 +58,18 @@ def method_config(cfg: RunConfig, model: nn.Module, resized: bool) -> Any:
 
 
 def prepare_model(cfg: RunConfig, model: nn.Module, resized: bool = False) -> AdaptedModel:
-    """Wrap the base and attach the method: fresh, or continued from `train.init_adapter`."""
-    from ..methods import get_method
-
+    """Wrap the base, let the method prepare it (QLoRA quantizes, full unfreezes) and attach the adapter:
+    fresh, or continued from `train.init_adapter`."""
+    method = get_method(cfg.method)
     adapted = AdaptedModel(model)
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    if method.prepare_base is not None:
+        method.prepare_base(model, cfg)
+    if method.section is None:
         return adapted
-    if cfg.method == "qlora":
-        from ..methods.quant import quantize_base
-
-        quantize_base(model, cfg.quant, next(model.parameters()).device)
     if cfg.train.init_adapter:
         adapted.load_adapter(cfg.train.init_adapter, name=ADAPTER_NAME)
         log.info("continuing from the adapter in %s", cfg.train.init_adapter)
         return adapted
-    get_method(METHOD_SECTION.get(cfg.method, cfg.method))  # a clear error for a method this install does not have
     adapted.add_adapter(ADAPTER_NAME, method_config(cfg, model, resized))
     return adapted
 
