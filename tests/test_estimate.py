@@ -11,6 +11,7 @@ from conftest import build_tokenizer
 from peftkit.config import config_from_dict
 from peftkit.estimate import BatchShape, estimate_memory
 from peftkit.methods import quant
+from peftkit.precision import choose_dtype
 from peftkit.train.loss import loss_sum_and_count
 from peftkit.train.setup import prepare_model
 
@@ -29,9 +30,16 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def prepared(model_dir, method, **sections):
-    cfg = config_from_dict({"model": str(model_dir), "method": method, **sections})
-    adapted = prepare_model(cfg, AutoModelForCausalLM.from_pretrained(model_dir))
+def run_config(model_dir, method, precision="fp32", **sections):
+    """The estimate depends on the dtype: every test names the precision it asserts in (auto differs per host)."""
+    return config_from_dict({"model": str(model_dir), "method": method, "train": {"precision": precision}, **sections})
+
+
+def prepared(model_dir, method, precision="fp32", **sections):
+    """The config and the model as training builds it: loaded in the run's dtype, then adapted."""
+    cfg = run_config(model_dir, method, precision, **sections)
+    dtype, _ = choose_dtype(precision, torch.device("cpu"), full_finetune=method == "full")
+    adapted = prepare_model(cfg, AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype))
     return cfg, adapted
 
 
@@ -54,7 +62,7 @@ def saved_activation_bytes(model) -> int:
     return sum(n for ptr, n in kept.items() if ptr not in weights)
 
 
-@pytest.mark.parametrize(("method", "sections"), [
+METHODS = [
     ("lora", {}),
     ("lora", {"lora": {"use_dora": True}}),
     ("lora", {"lora": {"dropout": 0.0, "target_modules": "all-linear"}}),
@@ -66,16 +74,23 @@ def saved_activation_bytes(model) -> int:
     ("prefix_tuning", {"prefix_tuning": {"init": "random"}}),
     ("adaption_prompt", {"adaption_prompt": {"adapter_layers": 2}}),
     ("bottleneck", {"bottleneck": {"placement": "houlsby"}}),
-])
-def test_activations_match_autograd_saved_tensors(model_dir, method, sections):
-    cfg, adapted = prepared(model_dir, method, **sections)
+]
+
+
+# every method in fp32; in bf16 one adapter method and full fine-tuning (kept in fp32) cover the dtype
+# term, since bf16 is emulated, hence slow, on AVX2-only hosts
+@pytest.mark.parametrize(("method", "sections", "precision"),
+                         [(m, s, "fp32") for m, s in METHODS] + [("lora", {}, "bf16"), ("full", {}, "bf16")])
+def test_activations_match_autograd_saved_tensors(model_dir, method, sections, precision):
+    cfg, adapted = prepared(model_dir, method, precision, **sections)
     estimate = estimate_memory(cfg, [SHAPE])
     assert estimate.activations == pytest.approx(saved_activation_bytes(adapted), rel=0.1)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("method", ["lora", "full", "selective"])
-def test_parameter_gradient_and_adam_bytes_are_exact(model_dir, method):
-    cfg, adapted = prepared(model_dir, method)
+def test_parameter_gradient_and_adam_bytes_are_exact(model_dir, method, precision):
+    cfg, adapted = prepared(model_dir, method, precision)
     estimate = estimate_memory(cfg, [SHAPE])
     params = [p for p in adapted.parameters() if p.requires_grad]
     assert estimate.trainable_params == sum(p.numel() for p in params)
@@ -88,27 +103,28 @@ def test_parameter_gradient_and_adam_bytes_are_exact(model_dir, method):
     assert estimate.optimizer == state_bytes
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_quantized_weight_bytes_are_exact(model_dir, double_quant):
-    cfg, adapted = prepared(model_dir, "qlora", quant={"double_quant": double_quant})
+def test_quantized_weight_bytes_are_exact(model_dir, double_quant, precision):
+    cfg, adapted = prepared(model_dir, "qlora", precision, quant={"double_quant": double_quant})
     buffers = sum(b.numel() * b.element_size() for b in adapted.buffers())
     assert estimate_memory(cfg, [SHAPE]).weights == quant.weight_bytes(adapted) - buffers
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt_tuning", "bottleneck"])
 def test_terms_sum_to_the_total(model_dir, method):
-    estimate = estimate_memory(config_from_dict({"model": str(model_dir), "method": method}), [SHAPE])
+    estimate = estimate_memory(run_config(model_dir, method), [SHAPE])
     assert estimate.total == sum(size for _, size in estimate.rows())
     assert all(size >= 0 for _, size in estimate.rows()) and estimate.activations > 0 and estimate.runtime > 0
 
 
 def test_full_fine_tuning_state_is_a_multiple_of_the_weights(model_dir):
-    full = estimate_memory(config_from_dict({"model": str(model_dir), "method": "full"}), [SHAPE])
-    lora = estimate_memory(config_from_dict({"model": str(model_dir), "method": "lora"}), [SHAPE])
+    full = estimate_memory(run_config(model_dir, "full"), [SHAPE])
+    lora = estimate_memory(run_config(model_dir, "lora"), [SHAPE])
     per_weight = (full.weights + full.gradients + full.optimizer) / full.total_params
     assert per_weight == 16  # fp32: weight 4 + gradient 4 + Adam's two states 8 bytes
     assert full.state_vs_weights > 8 > lora.gradients / lora.weights_16bit
-    default_batch = estimate_memory(config_from_dict({"model": str(model_dir), "method": "full"}), [BatchShape(8, 512, 400)])
+    default_batch = estimate_memory(run_config(model_dir, "full"), [BatchShape(8, 512, 400)])
     assert default_batch.state_vs_weights >= 12, "the source material's 12-20x the 16-bit weights, activations included"
 
 
@@ -129,8 +145,8 @@ def test_estimate_command_compares_methods(model_dir):
 
 
 def test_quantized_base_adds_its_dequantized_copies_to_the_slack(model_dir):
-    lora = estimate_memory(config_from_dict({"model": str(model_dir), "method": "lora"}), [SHAPE])
-    qlora = estimate_memory(config_from_dict({"model": str(model_dir), "method": "qlora"}), [SHAPE])
+    lora = estimate_memory(run_config(model_dir, "lora"), [SHAPE])
+    qlora = estimate_memory(run_config(model_dir, "qlora"), [SHAPE])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     body = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     assert qlora.allocator - lora.allocator == pytest.approx(4 * body, abs=2)  # bitsandbytes dequantizes to fp32
