@@ -170,18 +170,19 @@ def merge(
 
 @app.command()
 def inspect(
-    adapter: Path = typer.Argument(..., help="Adapter folder."),
+    adapter: Path = typer.Argument(..., help="Adapter folder, or a .gguf file."),
     nearest: int = typer.Option(5, min=0, help="Soft prompts: show each virtual token's N nearest vocabulary tokens (0: skip)."),
 ) -> None:
-    """Show an adapter's method, targets, rank, parameter count, size on disk and template."""
+    """Show an adapter's method, targets, rank, parameter count, size on disk and template (or a GGUF file's header)."""
+    from .export import describe_gguf
     from .inference import describe_adapter
 
-    info = describe_adapter(adapter)
+    info = describe_gguf(adapter) if adapter.suffix == ".gguf" else describe_adapter(adapter)
     table = Table(title=str(adapter), show_header=False)
     for key, value in info.items():
         table.add_row(key, str(value))
     console.print(table)
-    if nearest and info["peft_type"] == "PROMPT_TUNING":
+    if nearest and info.get("peft_type") == "PROMPT_TUNING":
         _print_nearest_tokens(adapter, nearest)
 
 
@@ -392,6 +393,38 @@ def ui(
     from .ui.server import run_ui
 
     run_ui(runs, project, host, port, api_key)
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Adapter folder, full fine-tune folder, or built-in model name."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write."),
+    format_: str = typer.Option("gguf", "--format", help="Export format: gguf."),
+    dtype: str = typer.Option("f16", "--dtype", help="f32, f16, bf16 or q8_0 (vectors and norms stay f32)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write the LoRA adapter alone, for llama.cpp's --lora over the base's GGUF."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write an Ollama Modelfile beside the GGUF file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """Export to GGUF for llama.cpp, Ollama, LM Studio: the merged model (or a full fine-tune), or the LoRA adapter alone."""
+    from .export import export_gguf, export_lora_gguf
+
+    if format_ != "gguf":
+        raise PeftkitError(f"--format {format_!r}: the only export format is gguf")
+    if adapter_only and ollama:
+        raise PeftkitError("--ollama writes a Modelfile for the merged model; drop --adapter-only")
+    if adapter_only:
+        result = export_lora_gguf(source, out, dtype, model, overwrite)
+    else:
+        result = export_gguf(source, out, dtype, model, overwrite, ollama)
+    console.print(f"{result.kind} GGUF ({result.architecture}, {result.dtype}, {result.size_bytes / 2**20:.1f} MiB) "
+                  f"written to [cyan]{result.path}[/]")
+    if result.merge_max_logit_error is not None:
+        console.print(f"merged the adapter first: max |merged - unmerged| logit difference {result.merge_max_logit_error:.2e}")
+    if result.modelfile is not None:
+        console.print(f"Ollama: ollama create NAME -f {result.modelfile} && ollama run NAME")
+    console.print(f"llama.cpp: llama-cli -m BASE.gguf --lora {result.path}  (BASE.gguf: peftkit export BASE --out BASE.gguf)"
+                  if adapter_only else f"llama.cpp: llama-cli -m {result.path}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
