@@ -109,9 +109,17 @@ def test_merge_is_refused_because_it_is_non_linear():
 
 
 def test_unknown_architecture_is_a_config_error():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))  # not in the table
+    with pytest.raises(ConfigError, match="known for model types .*llama.*not 'bloom'; use lora"):
+        attach(model, BottleneckConfig())
+
+
+def test_family_in_the_architectures_table_gets_bottlenecks():
     from transformers import OPTConfig, OPTForCausalLM
 
     model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
                                      num_attention_heads=2, word_embed_proj_dim=32))
-    with pytest.raises(ConfigError, match="sublayer outputs of llama"):
-        attach(model, BottleneckConfig())
+    paths = attach(model, BottleneckConfig()).adapter_targets["default"]
+    assert paths == ["model.decoder.layers.0.self_attn.out_proj", "model.decoder.layers.0.fc2"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
+from ..architectures import architecture_of, model_type
 from ..errors import ConfigError
 from ..inject import wrap_module
 from .base import AdapterLayerMixin, Capabilities, Method
@@ -36,9 +37,6 @@ class AdaptionPromptConfig:
     """Prompt tokens per adapted layer."""
     adapter_layers: int = 8
     """How many of the top decoder layers get a prompt."""
-
-ATTENTION_MODULES = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
-
 
 def _gated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """query (B, H, T, hd), key/value (1, H, len, hd) -> gate * softmax(q k^T / sqrt(hd)) v as (B, T, H * hd)."""
@@ -83,10 +81,10 @@ class AdaptedAttention(nn.Module, AdapterLayerMixin):
     adapter_attrs = ("adaption_prompt", "adaption_gate")
     merge_refusal = "the prompt enters through a softmax over its own keys; it is not a weight update"
 
-    def __init__(self, base_layer: nn.Module, model_type: str) -> None:
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.prompt_output = PROMPT_OUTPUTS[model_type]
+        self.prompt_output = PROMPT_OUTPUTS[kind]
         self.adaption_prompt = nn.ParameterDict()
         self.adaption_gate = nn.ParameterDict()
         self._init_adapter_state()
@@ -112,13 +110,14 @@ class AdaptedAttention(nn.Module, AdapterLayerMixin):
 
 def attention_paths(model: nn.Module, adapter_layers: int) -> tuple[str, list[str]]:
     """(attention module name, paths of the top `adapter_layers` attention modules), PEFT's choice."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in ATTENTION_MODULES:
+    kind = model_type(model)
+    arch = architecture_of(model)
+    if kind not in PROMPT_OUTPUTS or arch is None:
         raise ConfigError(
-            f"adaption prompts support model types {', '.join(ATTENTION_MODULES)} (as PEFT does), not {model_type!r}; "
+            f"adaption prompts support model types {', '.join(PROMPT_OUTPUTS)} (as PEFT does), not {kind!r}; "
             "use prompt_tuning, lora or bottleneck"
         )
-    suffix = ATTENTION_MODULES[model_type]
+    suffix = arch.attention
     paths = [p for p, m in model.named_modules() if p.endswith("." + suffix) and ".base_layer" not in p]
     if adapter_layers > len(paths):
         raise ConfigError(f"adaption_prompt.adapter_layers is {adapter_layers} but the model has {len(paths)} layers")
@@ -127,9 +126,9 @@ def attention_paths(model: nn.Module, adapter_layers: int) -> tuple[str, list[st
 
 def attach(model: nn.Module, name: str, config: AdaptionPromptConfig) -> list[str]:
     _, paths = attention_paths(model, config.adapter_layers)
-    model_type = model.config.model_type
+    kind = model_type(model)
     for path in paths:
-        layer = wrap_module(model, path, lambda attn: AdaptedAttention(attn, model_type))
+        layer = wrap_module(model, path, lambda attn: AdaptedAttention(attn, kind))
         layer.add_adapter(name, config.adapter_len, model.config.hidden_size)
     return paths
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..architectures import model_type, require_architecture
 from ..errors import ConfigError
 from ..inject import match_targets, wrap_module
 from .base import AdapterLayerMixin, Capabilities, Method
@@ -42,17 +43,6 @@ class BottleneckConfig:
     """Non-linearity between the down- and up-projection."""
 
 PEFT_TYPE = "PEFTKIT_BOTTLENECK"
-_LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
-SUBLAYER_OUTPUTS: dict[str, tuple[str, str]] = {  # model type -> (attention output, feed-forward output)
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-    "t5": ("SelfAttention.o", "DenseReluDense.wo"),
-    "mt5": ("SelfAttention.o", "DenseReluDense.wo"),
-    "vit": ("attention.o_proj", "mlp.fc2"),
-    "whisper": ("self_attn.out_proj", "fc2"),  # after self-attention (encoder and decoder), not cross-attention
-}
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -95,15 +85,12 @@ class BottleneckAdapter(nn.Module, AdapterLayerMixin):
 
 
 def sublayer_targets(model: nn.Module, placement: str) -> list[str]:
-    """Names (suffixes) of the output projections the placement adapts, for this architecture."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUBLAYER_OUTPUTS:
-        raise ConfigError(
-            f"bottleneck adapters know the sublayer outputs of {', '.join(SUBLAYER_OUTPUTS)}, not {model_type!r}; "
-            "use lora, or add the architecture to SUBLAYER_OUTPUTS in methods/bottleneck.py"
-        )
-    attention, feed_forward = SUBLAYER_OUTPUTS[model_type]
-    return [attention, feed_forward] if placement == "houlsby" else [feed_forward]
+    """Names (suffixes) of the output projections the placement adapts, from the architectures table."""
+    arch = require_architecture(model, "bottleneck adapters' sublayer outputs", "use lora")
+    if arch.attention_output is None or arch.mlp_output is None:
+        raise ConfigError(f"the architectures table names no unambiguous sublayer outputs for model type "
+                          f"{model_type(model)!r}; use lora")
+    return [arch.attention_output, arch.mlp_output] if placement == "houlsby" else [arch.mlp_output]
 
 
 def attach(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:

@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import architecture_of
 from ..data.batching import packed_example
 
 IMPLEMENTATION = "peftkit_sdpa"
-# Decoder-only families whose attention goes through transformers' attention interface with rotary
-# positions from `position_ids`, so restarting the positions and splitting attention is exact.
-PADDING_FREE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3", "phi3"}
 
 
 def _segment_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -62,7 +60,7 @@ def _register() -> None:
 def supports_padding_free(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return (
-        getattr(config, "model_type", None) in PADDING_FREE_TYPES
+        getattr(architecture_of(config), "padding_free", False)  # the architectures table says it is exact
         and not getattr(config, "is_encoder_decoder", False)
         and getattr(config, "_attn_implementation", None) in ("sdpa", IMPLEMENTATION)
     )

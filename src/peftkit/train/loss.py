@@ -15,17 +15,21 @@ Packed batches carry `segment_ids`; both paths turn them into a 4D block-diagona
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import architecture_of
 from ..data.batching import IGNORE_INDEX, block_causal_mask
+from ..methods.lora import LoraLinear, ModulesToSave
 from .attention import IMPLEMENTATION, segment_bounds
 
-# Decoder-only families whose logits are exactly lm_head(last_hidden_state) (no soft-capping or scaling).
-PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo", "olmo2", "smollm3"}
+log = logging.getLogger(__name__)
+
 CHUNK_ELEMENTS = 2**25
 """Logit elements per chunk (128 MiB in fp32): 1,024 rows of GPT-2's vocabulary, 682 of SmolLM2's."""
 
@@ -38,7 +42,7 @@ def supports_selective_logits(model: nn.Module) -> bool:
     inner = _inner(model)
     config = getattr(inner, "config", None)
     return (
-        getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
+        getattr(architecture_of(config), "head", None) == "plain"  # logits are exactly head(last hidden state)
         and not getattr(config, "is_encoder_decoder", False)
         and hasattr(inner, getattr(inner, "base_model_prefix", ""))
         and inner.get_output_embeddings() is not None
@@ -80,78 +84,160 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # (B, T-1)
     inputs = model_inputs(batch, inner.dtype, inner)
-    if not supports_selective_logits(model):
+    head = fused_head(inner.get_output_embeddings()) if supports_selective_logits(model) else None
+    if head is None:
         logits = model(**inputs).logits[:, :-1][keep].float()  # (N, V)
         return F.cross_entropy(logits, targets[keep], reduction="none")
     adapt = getattr(model, "adapt_inputs", None)  # an active soft prompt / prefix adds itself to the inputs
     inputs, virtual = adapt(inputs) if adapt is not None else (inputs, 0)
     hidden = getattr(inner, inner.base_model_prefix)(**inputs).last_hidden_state[:, virtual:]  # drop virtual tokens
     selected = hidden[:, :-1][keep]  # (N, H): only positions that predict a label
-    head = inner.get_output_embeddings()
     if selected.shape[0] == 0:
         return hidden.float().sum()[None] * 0  # no targets: zero, still in the graph
-    return linear_cross_entropy(selected, head.weight, head.bias, targets[keep])
+    return head.cross_entropy(selected, targets[keep])
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, never holding all logits.
+@dataclass
+class FusedHead:
+    """The output head as `hidden @ weight.T + bias`, plus a LoRA adapter's `s B A dropout(hidden)` when it has one:
+    what `linear_cross_entropy` needs to equal the head module's own output."""
 
-    Equal to `F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")`
-    in value and gradients (logits in the weights' dtype, softmax in fp32).
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora: LoraLinear | None = None
+    """A LoRA-wrapped head: its active adapter adds the low-rank term."""
+
+    def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy of the head's logits for `hidden` (N, H) against `targets` (N,)."""
+        if self.lora is None:
+            return linear_cross_entropy(hidden, self.weight, self.bias, targets)
+        name = self.lora.active_adapter
+        lora_a, lora_b = self.lora.lora_A[name].weight, self.lora.lora_B[name].weight
+        projected = self.lora.lora_dropout[name](hidden.to(lora_a.dtype)) @ lora_a.T  # (N, r)
+        return linear_cross_entropy(hidden, self.weight, self.bias, targets, (projected, lora_b * self.lora.scaling[name]))
+
+
+def fused_head(head: nn.Module) -> FusedHead | None:
+    """`head` as a FusedHead, or None where the fused loss could not equal it (logged; the caller computes logits).
+
+    Exact: a plain linear head (tied or not, resized or not, trained or frozen); `modules_to_save` (its active
+    copy, or the original when disabled); LoRA on a plain linear head (active, merged or disabled). Not: DoRA
+    (its magnitude rescales whole rows), a quantized or Conv1D-layout base, any other wrapper.
     """
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+    if isinstance(head, ModulesToSave):
+        return fused_head(head.original_module if head.active_adapter is None else head.modules_to_save[head.active_adapter])
+    if isinstance(head, LoraLinear):
+        base = fused_head(head.base_layer) if not head.fan_in_fan_out else None
+        name = head.active_adapter
+        if base is None or base.lora is not None:
+            return _not_fused(head, "a LoRA head over a quantized, Conv1D or wrapped layer")
+        if name is None or name in head.merged_adapters:
+            return base  # disabled, or merged into the base weight
+        if name in head.lora_magnitude_vector:
+            return _not_fused(head, "DoRA rescales the head's rows by a learned magnitude")
+        return FusedHead(base.weight, base.bias, head)
+    if type(head) is nn.Linear:
+        return FusedHead(head.weight, head.bias)
+    return _not_fused(head, "not a linear layer")
+
+
+_REPORTED: set[str] = set()
+
+
+def _not_fused(head: nn.Module, why: str) -> None:
+    """Say once per kind of head that the loss goes through the model's full logits."""
+    key = f"{type(head).__name__}: {why}"
+    if key not in _REPORTED:
+        _REPORTED.add(key)
+        log.info("fused linear cross-entropy off for the output head (%s); computing full logits instead", key)
+    return None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-token cross-entropy of `hidden @ weight.T (+ bias) (+ u @ v.T)` against `targets`, never holding all logits.
+
+    `low_rank` = (u (N, r), v (V, r)): a LoRA head's term, u = dropout(hidden) A^T and v = s B.
+    Equal to `F.cross_entropy(logits.float(), targets, reduction="none")` with the logits computed as the
+    head module does (the base in the weights' dtype, the LoRA term in its own dtype, added in the base's),
+    in value and gradients (softmax in fp32).
+    """
+    pairs = (hidden, weight) if low_rank is None else (hidden, weight, *low_rank)
+    return _LinearCrossEntropy.apply(targets, bias, *pairs)
+
+
+def _chunk_logits(start: int, stop: int, bias: torch.Tensor | None, pairs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """fp32 logits of rows start:stop: sum over (x, w) pairs of x @ w.T, plus the bias on the first."""
+    logits = F.linear(pairs[0][start:stop], pairs[1], bias)
+    for x, w in zip(pairs[2::2], pairs[3::2]):
+        logits = logits + F.linear(x[start:stop], w).to(logits.dtype)
+    return logits.float()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes each chunk's loss AND its gradients (for a weight of 1 per token); backward scales them.
 
-    A token's loss depends only on its own hidden row, so d(loss)/d(hidden) scales row by row with
-    any upstream gradient. The head's gradient sums over tokens: it is exact for the usual upstream
-    gradient (the same weight for every token, as `.sum() * scale` gives), and recomputed chunk by
-    chunk otherwise.
+    Inputs are (targets, bias, x0, w0, x1, w1, ...) with logits = sum_k x_k @ w_k.T + bias: the head's
+    hidden states and weight, then a LoRA head's (u, s B). A token's loss depends only on its own rows
+    of the x_k, so their gradients scale row by row with any upstream gradient. The weights' (and
+    bias's) gradients sum over tokens: exact for the usual upstream gradient (the same weight for
+    every token, as `.sum() * scale` gives), and recomputed chunk by chunk otherwise.
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    def forward(ctx: Any, targets: torch.Tensor, bias: torch.Tensor | None, *pairs: torch.Tensor) -> torch.Tensor:
+        need_b, need = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
+        rows, vocab = pairs[0].shape[0], pairs[1].shape[0]
+        losses = torch.empty(rows, dtype=torch.float32, device=targets.device)
+        grads = [(torch.empty_like(t) if k % 2 == 0 else torch.zeros_like(t, dtype=torch.float32)) if need[k] else None
+                 for k, t in enumerate(pairs)]  # rows' grads in their dtype; weights' accumulate in fp32
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for start, stop in _chunks(hidden.shape[0], weight.shape[0]):
-            h, t = hidden[start:stop], targets[start:stop]
-            logits = F.linear(h, weight, bias).float()
+        for start, stop in _chunks(rows, vocab):
+            t = targets[start:stop]
+            logits = _chunk_logits(start, stop, bias, pairs)
             lse = torch.logsumexp(logits, dim=-1)
             losses[start:stop] = lse - logits.gather(1, t[:, None]).squeeze(1)
-            if not (need_h or need_w or need_b):
+            if not (need_b or any(need)):
                 continue
             dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             dlogits[torch.arange(len(t), device=t.device), t] -= 1
-            if need_h:
-                grad_h[start:stop] = dlogits.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(dlogits.T, h.float())
+            _add_chunk_grads(dlogits, start, stop, pairs, grads, rows_too=True)
             if need_b:
                 grad_b += dlogits.sum(0)
-        ctx.save_for_backward(hidden, weight, bias, targets, grad_h, grad_w, grad_b)
+        ctx.save_for_backward(targets, bias, grad_b, *pairs, *[g if g is not None else torch.empty(0) for g in grads])
+        ctx.has_grad = [g is not None for g in grads]
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, grad_h, grad_w, grad_b = ctx.saved_tensors
-        out_h = (grad_h * grad_losses[:, None].to(grad_h.dtype)) if grad_h is not None else None
-        if grad_w is None and grad_b is None:
-            return out_h, None, None, None
+        targets, bias, grad_b, *rest = ctx.saved_tensors
+        half = len(rest) // 2
+        pairs, grads = rest[:half], [g if has else None for g, has in zip(rest[half:], ctx.has_grad)]
         first = grad_losses[:1]
-        if not bool((grad_losses == first).all()):  # uneven token weights: the head's gradient again, weighted
-            grad_w, grad_b = _weighted_head_grads(hidden, weight, bias, targets, grad_losses, grad_w is not None,
-                                                  grad_b is not None)
+        if not bool((grad_losses == first).all()) and (grad_b is not None or any(g is not None for g in grads[1::2])):
+            grads, grad_b = _weighted_head_grads(targets, bias, pairs, grads, grad_b, grad_losses)  # uneven token weights
             first = torch.ones_like(first)
-        out_w = (grad_w * first).to(weight.dtype) if grad_w is not None else None
+        out = []
+        for k, (tensor, grad) in enumerate(zip(pairs, grads)):
+            if grad is None:
+                out.append(None)
+            elif k % 2 == 0:  # a row input: its rows scale with their tokens' upstream gradient
+                out.append(grad * grad_losses[:, None].to(grad.dtype))
+            else:
+                out.append((grad * first).to(tensor.dtype))
         out_b = (grad_b * first).to(bias.dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None
+        return (None, out_b, *out)
+
+
+def _add_chunk_grads(dlogits: torch.Tensor, start: int, stop: int, pairs: tuple[torch.Tensor, ...],
+                     grads: list[torch.Tensor | None], rows_too: bool) -> None:
+    """Add one chunk's gradients (d loss / d logits = `dlogits`) to each (x, w) pair's buffers."""
+    for k in range(0, len(pairs), 2):
+        x, w = pairs[k], pairs[k + 1]
+        if rows_too and grads[k] is not None:
+            grads[k][start:stop] = (dlogits.to(w.dtype) @ w).to(x.dtype)
+        if grads[k + 1] is not None:
+            grads[k + 1].addmm_(dlogits.T, x[start:stop].float())
 
 
 def _chunks(rows: int, vocab: int) -> list[tuple[int, int]]:
@@ -159,21 +245,22 @@ def _chunks(rows: int, vocab: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + size)) for start in range(0, rows, size)]
 
 
-def _weighted_head_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         weights: torch.Tensor, need_w: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-    grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-    for start, stop in _chunks(hidden.shape[0], weight.shape[0]):
-        h, t = hidden[start:stop], targets[start:stop]
-        logits = F.linear(h, weight, bias).float()
-        dlogits = logits.softmax(-1)
+def _weighted_head_grads(
+    targets: torch.Tensor, bias: torch.Tensor | None, pairs: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None],
+    grad_b: torch.Tensor | None, weights: torch.Tensor,
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """The weights' and bias's gradients again, each token's term scaled by its upstream gradient."""
+    grads = [g if k % 2 == 0 else (torch.zeros_like(g) if g is not None else None) for k, g in enumerate(grads)]
+    grad_b = torch.zeros_like(grad_b) if grad_b is not None else None
+    for start, stop in _chunks(pairs[0].shape[0], pairs[1].shape[0]):
+        t = targets[start:stop]
+        dlogits = _chunk_logits(start, stop, bias, pairs).softmax(-1)
         dlogits[torch.arange(len(t), device=t.device), t] -= 1
         dlogits *= weights[start:stop, None].float()
-        if need_w:
-            grad_w.addmm_(dlogits.T, h.float())
-        if need_b:
+        _add_chunk_grads(dlogits, start, stop, pairs, grads, rows_too=False)
+        if grad_b is not None:
             grad_b += dlogits.sum(0)
-    return grad_w, grad_b
+    return grads, grad_b
 
 
 def loss_sum_and_count(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -181,13 +268,3 @@ def loss_sum_and_count(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     seq2seq = bool(getattr(_inner(model).config, "is_encoder_decoder", False))
     return token_losses(model, batch).sum(), target_count(batch, seq2seq)
 
-
-class LossForward(nn.Module):
-    """`forward(batch) -> summed token loss`: the module DDP / FSDP wrap, so their hooks see one forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return token_losses(self.model, batch).sum()
