@@ -22,9 +22,10 @@ from peftkit.data.datasets import load_tasks
 from peftkit.estimate import estimate_memory
 from peftkit.models import load_model
 from peftkit.train.data import build_train_data, epoch_batches
-from peftkit.train.loss import LossForward
+from peftkit.train.objectives import ObjectiveForward
 from peftkit.train.optim import build_optimizer
 from peftkit.train.setup import prepare_model
+from peftkit.train.tokens import TokenBatches
 
 STATUS = Path("/proc/self/status")
 
@@ -46,7 +47,7 @@ def kept_bytes(forward: torch.nn.Module, batch: dict, weights: set[int]) -> tupl
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = forward(batch)
+        loss, _ = forward(batch)
     return loss, sum(n for ptr, n in kept.items() if ptr not in weights) / 2**30
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=torch.device("cpu"))
     data = build_train_data(cfg, tasks, tokenizer, False)
     adapted = prepare_model(cfg, model)
-    forward = LossForward(adapted)
+    forward = ObjectiveForward(TokenBatches(tokenizer.pad_token_id), adapted)
     optimizer = build_optimizer([p for p in forward.parameters() if p.requires_grad], cfg.train, torch.device("cpu"))
     weights = {p.untyped_storage().data_ptr() for p in adapted.parameters()}
     print(f"runtime + model loaded: RSS {gib('VmRSS'):.2f} GiB")

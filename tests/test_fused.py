@@ -76,8 +76,9 @@ def test_padding_free_step_equals_padded_step():
     from peftkit.adapters import AdaptedModel
     from peftkit.config import LoraConfig
     from peftkit.train.attention import padding_free
-    from peftkit.train.loss import LossForward
+    from peftkit.train.objectives import ObjectiveForward
     from peftkit.train.step import accumulate_gradients
+    from peftkit.train.tokens import TokenBatches
 
     examples = _examples(0)
     results = []
@@ -91,7 +92,7 @@ def test_padding_free_step_equals_padded_step():
                 torch.nn.init.normal_(p, std=0.1)  # a trained-looking adapter, so every gradient is non-zero
         with padding_free(model, enabled=flat) as active:
             assert active == flat
-            result = accumulate_gradients(LossForward(adapted), examples, 2, pad_id=0, flat=flat)
+            result = accumulate_gradients(ObjectiveForward(TokenBatches(pad_id=0, flat=flat), adapted), examples, 2)
         grads = {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
         results.append((result, grads))
     (padded, padded_grads), (flat_result, flat_grads) = results

@@ -17,7 +17,7 @@ from test_cli import peftkit
 from peftkit.config import config_from_dict, load_config
 from peftkit.data.sources import ACLSUM_ASPECTS
 from peftkit.errors import ConfigError
-from peftkit.tasks import run_encoder_training
+from peftkit.train import run_training
 from peftkit.tasks.classification import classification_metrics
 from peftkit.tasks.data import aclsum_split
 from peftkit.tasks.embedding import (
@@ -82,7 +82,7 @@ def labelled_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def embedding_run(bert_dir, pairs_file, tmp_path_factory):
     cfg = config_from_dict(encoder_config(bert_dir, pairs_file, tmp_path_factory.mktemp("emb") / "run", "embedding"))
-    return cfg, run_encoder_training(cfg)
+    return cfg, run_training(cfg)
 
 
 # -- metrics and loss ---------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_classification_trains_the_head_and_peft_loads_it(bert_dir, labelled_fil
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     cfg = config_from_dict(encoder_config(bert_dir, labelled_file, tmp_path / "run", "classification"))
-    result = run_encoder_training(cfg)
+    result = run_training(cfg)
     assert result.test["adapter"]["accuracy"] > result.test["base"]["accuracy"]
     raw = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert raw["task_type"] == "SEQ_CLS" and raw["modules_to_save"] == ["classifier"]
@@ -197,10 +197,10 @@ def test_classification_trains_the_head_and_peft_loads_it(bert_dir, labelled_fil
 
 def test_resume_continues_bit_identically(bert_dir, pairs_file, tmp_path):
     raw = encoder_config(bert_dir, pairs_file, tmp_path / "once", "embedding", max_steps=4, schedule="constant")
-    whole = run_encoder_training(config_from_dict(raw))
+    whole = run_training(config_from_dict(raw))
     raw_b = {**raw, "output_dir": str(tmp_path / "twice"), "train": {**raw["train"], "save_every": 2}}
-    run_encoder_training(config_from_dict({**raw_b, "train": {**raw_b["train"], "max_steps": 2}}))
-    resumed = run_encoder_training(config_from_dict(raw_b), resume=True)
+    run_training(config_from_dict({**raw_b, "train": {**raw_b["train"], "max_steps": 2}}))
+    resumed = run_training(config_from_dict(raw_b), resume=True)
     assert (whole.adapter_dir / "adapter_model.safetensors").read_bytes() == \
         (resumed.adapter_dir / "adapter_model.safetensors").read_bytes()
 

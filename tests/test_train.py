@@ -13,10 +13,11 @@ from conftest import build_model, tiny_run_config
 from peftkit import AdaptedModel, LoraConfig, attach
 from peftkit.config import config_from_dict
 from peftkit.data.batching import IGNORE_INDEX
-from peftkit.train import loop as loop_module
+from peftkit.train import tokens as tokens_module
 from peftkit.train import run_training
-from peftkit.train.loss import LossForward
+from peftkit.train.objectives import ObjectiveForward
 from peftkit.train.step import accumulate_gradients
+from peftkit.train.tokens import TokenBatches
 
 
 def run(model_dirs, data_file, out, data=None, **train):
@@ -50,7 +51,7 @@ def grads_after(micro_batch_size, examples):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    result = accumulate_gradients(LossForward(model), examples, micro_batch_size, pad_id=2)
+    result = accumulate_gradients(ObjectiveForward(TokenBatches(pad_id=2), model), examples, micro_batch_size)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, result
 
 
@@ -93,7 +94,7 @@ def test_validation_each_epoch_keeps_the_best_and_loads_it(model_dirs, data_file
 
 def test_early_stopping_after_patience(model_dirs, data_file, tmp_path, monkeypatch):
     scores = iter([3.0, 2.0, 2.5, 2.4, 2.3, 1.0])
-    monkeypatch.setattr(loop_module, "evaluate_loss", lambda *a, **k: next(scores))
+    monkeypatch.setattr(tokens_module, "evaluate_loss", lambda *a, **k: next(scores))
     result = run(model_dirs, data_file, tmp_path / "run", epochs=3, eval_every=1, early_stopping_patience=3)
     assert result.stopped_early and result.steps == 5 and result.best_step == 2 and result.best_score == 2.0
 
@@ -176,7 +177,7 @@ def test_gradient_checkpointing_with_frozen_embeddings_gives_lora_gradients():
         if checkpointing:
             enable_gradient_checkpointing(model)
         adapted.train()
-        accumulate_gradients(LossForward(adapted), examples, None, pad_id=2)
+        accumulate_gradients(ObjectiveForward(TokenBatches(pad_id=2), adapted), examples, None)
         grads.append({n: p.grad for n, p in adapted.named_parameters() if p.requires_grad})
     assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
     for name in grads[0]:

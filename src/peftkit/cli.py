@@ -75,12 +75,12 @@ def train(
 
 def _train_encoder(cfg: Any, resume: bool) -> None:
     """`task: embedding | classification`: LoRA on an encoder, then base vs adapter on the test split."""
-    from .tasks import run_encoder_training
+    from .train import run_training
 
     console.print(f"[bold]peftkit train[/]: {cfg.task} with {cfg.method} on [cyan]{cfg.model}[/], data "
                   f"[cyan]{cfg.data.dataset or cfg.data.train}[/] -> {cfg.output_dir}")
     with _progress() as progress:
-        result = run_encoder_training(cfg, resume=resume, progress=progress)
+        result = run_training(cfg, resume=resume, progress=progress)
     table = Table(title="run summary", show_header=False)
     for key, value in [("adapter", str(result.adapter_dir)), ("trainable", result.trainable), ("steps", str(result.steps)),
                        ("wall time (load, train, save, score)", f"{result.seconds:.1f} s"),

@@ -1,5 +1,5 @@
 """Sequence classification: LoRA on the encoder plus its head trained fully (`modules_to_save`),
-the cross-entropy loss, and accuracy / macro-F1.
+the logits, and accuracy / macro-F1 (the training loss is in train/encoders.py).
 
 The head (`classifier` in BERT-like models, `score` in decoder ones) is new for every run, so it
 is always trained and saved with the adapter; PEFT loads the folder as a SEQ_CLS adapter.
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -37,15 +36,6 @@ def head_module_names(model: nn.Module) -> list[str]:
 def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, classes) logits of a tokenized batch, in the graph (for training)."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-
-
-def classification_loss(
-    model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], labels: list[str], cfg: Any, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of one batch of (text, label) rows (`cfg` is the RunConfig), and its real tokens."""
-    batch = tokenize(tokenizer, [r["text"] for r in rows], cfg.data.max_length, device)
-    targets = torch.tensor([labels.index(r["label"]) for r in rows], device=device)
-    return F.cross_entropy(logits(model, batch), targets), int(batch["attention_mask"].sum())
 
 
 def classification_metrics(predicted: torch.Tensor, gold: torch.Tensor, num_classes: int) -> dict[str, float]:

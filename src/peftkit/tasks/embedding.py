@@ -103,14 +103,3 @@ def evaluate_retrieval(
     scores = retrieval_metrics(gold_ranks(queries, corpus, gold), ks)
     return {**scores, "queries": len(rows), "passages": len(passages)}
 
-
-def embedding_loss(
-    model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: Any, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """The contrastive loss of one batch of pairs (`cfg` is the RunConfig), and the real tokens it encoded."""
-    passages, targets = distinct_passages(rows)
-    queries = tokenize(tokenizer, [r["query"] for r in rows], cfg.data.max_length, device)
-    corpus = tokenize(tokenizer, passages, cfg.data.max_length, device)
-    pooling = cfg.embedding.pooling
-    loss = contrastive_loss(embed(model, queries, pooling), embed(model, corpus, pooling), targets.to(device), cfg.embedding.scale)
-    return loss, int(queries["attention_mask"].sum() + corpus["attention_mask"].sum())

@@ -118,7 +118,7 @@ def wrap(module: nn.Module, info: Distributed, device: torch.device) -> nn.Modul
 
 
 def _transformer(module: nn.Module) -> nn.Module:
-    """The transformers model inside LossForward(AdaptedModel(model))."""
+    """The transformers model inside ObjectiveForward(objective, AdaptedModel(model))."""
     while hasattr(module, "model") and not hasattr(module, "_no_split_modules"):
         module = module.model
     return module

@@ -1,5 +1,10 @@
 """The training recipe, top to bottom: data -> model + method -> loop (validate, checkpoint) ->
-adapter -> logs and samples. Works on one process or many (torchrun: DDP or FSDP2).
+adapter -> logs and report. Works on one process or many (torchrun: DDP or FSDP2).
+
+This is the ONE training loop: every task's objective (objectives.py: the token loss of
+tokens.py, the encoder losses of encoders.py) gets the same seeding, resume, NaN / Inf guard
+before the optimizer step, SIGINT / SIGTERM handling, full-disk handling, checkpoints,
+metrics and progress.
 
 Example:
     >>> from peftkit.config import load_config
@@ -9,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,25 +30,23 @@ import torch
 from torch import nn
 
 from ..adapters import AdaptedModel
-from ..config import PACKABLE_METHODS, RunConfig
-from ..data.datasets import TaskData, load_tasks
+from ..config import RunConfig
 from ..errors import ConfigError, Interrupted, PeftkitError
-from ..generate import generate_texts
-from ..io import atomic_dir, atomic_write_json, atomic_write_text, is_disk_full, recover_interrupted_writes
-from ..models import builtin_origin, is_seq2seq, load_model, resolve_device
+from ..io import atomic_write_text, is_disk_full, recover_interrupted_writes
+from ..models import resolve_device
 from ..precision import resolve_dtype
 from . import distributed
-from .attention import enable_padding_free
 from .checkpoint import list_checkpoints, load_best, load_checkpoint, save_best, save_checkpoint
-from .data import TrainData, build_train_data, epoch_batches
 from .distributed import Distributed
+from .encoders import ClassificationObjective, EmbeddingObjective
 from .interrupt import StopRequest, stop_on_signals
 from .logs import MetricsLog
+from .objectives import Objective, ObjectiveForward
 from .optim import build_optimizer
-from .loss import LossForward
-from .setup import ADAPTER_NAME, add_special_tokens, enable_gradient_checkpointing, prepare_model
+from .setup import enable_gradient_checkpointing
 from .step import accumulate_gradients
-from .validate import Selection, evaluate_loss, perplexity, validation_rouge_l
+from .tokens import TokenObjective
+from .validate import Selection
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,11 @@ class TrainResult:
     truncation: dict[str, int] = field(default_factory=dict)
     loss_curve: Path | None = None
     world_size: int = 1
+    task: str = "generation"
+    test: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Encoder tasks: {"base": scores with the adapter disabled, "adapter": with it} on `split` (empty when it has no rows)."""
+    split: str = ""
+    """Encoder tasks: the split `test` scores (test, else validation)."""
 
 
 @dataclass
@@ -188,6 +195,14 @@ def disk_full_message(out: Path) -> str:
     return f"no space left on device while writing to {out}: {kept}; free space and {again}"
 
 
+OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
+    "generation": TokenObjective,
+    "embedding": EmbeddingObjective,
+    "classification": ClassificationObjective,
+}
+"""The objective of each `task:`; a new objective (a preference loss, say) is one more entry."""
+
+
 def _train(
     cfg: RunConfig, resume: bool, on_step: Any, progress: Any, info: Distributed, device: torch.device, stop: StopRequest,
 ) -> TrainResult:
@@ -205,26 +220,19 @@ def _train(
     if cfg.method == "full" and dtype == torch.bfloat16:
         dtype = torch.float32  # full fine-tuning keeps fp32 master weights; bf16 weights would lose small updates
 
-    # -- data (rows before the model: a bad file fails in a second, not after loading weights)
-    tasks = load_tasks(cfg.data, cfg.train.seed)
-    model, tokenizer = load_model(cfg.model, dtype=dtype, device=device)
-    added = add_special_tokens(model, tokenizer, cfg.data.add_special_tokens)
-    seq2seq = is_seq2seq(model)
-    data = build_train_data(cfg, tasks, tokenizer, seq2seq)
-
-    # -- model + method (same init on every rank), then per-rank dropout streams
-    torch.manual_seed(cfg.train.seed)
-    adapted = prepare_model(cfg, model, resized=bool(added))
+    # -- data (rows before the model: a bad file fails in a second), model + method (same init on every rank)
+    objective = OBJECTIVES[cfg.task](cfg)
+    prepared = objective.prepare(dtype, device)
+    adapted = prepared.adapted
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    flat = cfg.train.padding_free and cfg.method in PACKABLE_METHODS and enable_padding_free(model)
-    forward = distributed.wrap(LossForward(adapted), info, device)
-    torch.manual_seed(cfg.train.seed + info.rank)
+        enable_gradient_checkpointing(prepared.model)
+    forward = distributed.wrap(ObjectiveForward(objective, adapted), info, device)
+    torch.manual_seed(cfg.train.seed + info.rank)  # per-rank dropout streams
     params = [p for p in forward.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"method {cfg.method!r} left no trainable parameters")
     optimizer = build_optimizer(params, cfg.train, device)
-    steps_per_epoch = math.ceil(len(data.units) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(len(objective.units) / cfg.train.batch_size)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     scheduler = make_schedule(optimizer, cfg, total_steps)
 
@@ -249,14 +257,11 @@ def _train(
     stopped_early = False
     while state.step < total_steps and not stopped_early:
         epoch, index = divmod(state.step, steps_per_epoch)
-        batch_ids = epoch_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, epoch)[index]
-        result = accumulate_gradients(
-            forward, [data.units[i] for i in batch_ids], cfg.train.micro_batch_size, tokenizer.pad_token_id, seq2seq, device, info,
-            flat=flat,
-        )
+        batch_ids = objective.epoch_batches(epoch)[index]
+        result = accumulate_gradients(forward, [objective.units[i] for i in batch_ids], cfg.train.micro_batch_size, device, info)
         grad_norm = clip_gradients(params, cfg.train.max_grad_norm)
-        if not math.isfinite(result.loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-            raise PeftkitError(non_finite_message(result.loss, grad_norm, state.step + 1, epoch, index, batch_ids, data, tokenizer, ckpt_dir))
+        if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
+            raise PeftkitError(non_finite_message(result.loss, grad_norm, state.step + 1, epoch, index, batch_ids, objective, ckpt_dir))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -269,8 +274,8 @@ def _train(
             state.first_loss = last_loss
         elapsed = time.perf_counter() - loop_start
         tps = loop_tokens / max(1e-9, elapsed - paused)
-        record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": last_loss,
-                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1), "target_tokens": result.target_tokens,
+        record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": last_loss, **result.metrics,
+                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1), objective.count_unit: result.count,
                   "padding_fraction": round(1 - result.tokens / max(1, result.positions), 4), "grad_norm": grad_norm,
                   "elapsed_s": round(elapsed, 2)}
         if state.step % cfg.train.log_every == 0 or state.step == total_steps:
@@ -281,7 +286,7 @@ def _train(
             on_step(record)
         pause_start = time.perf_counter()
         if evaluation_due(cfg, state.step, steps_per_epoch, total_steps):
-            stopped_early = validate(cfg, forward, adapted, tokenizer, data, state, metrics, out, info, device, seq2seq)
+            stopped_early = validate(cfg, objective, forward, adapted, state, metrics, out, info)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < total_steps:
             save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
         paused += time.perf_counter() - pause_start
@@ -296,33 +301,36 @@ def _train(
     if stopped_early:
         log.info("early stopping at step %d: no improvement in %d evaluations", state.step, cfg.train.early_stopping_patience)
 
-    # -- the final adapter (the best validation step's weights with train.load_best), checkpoint, logs
+    # -- the final artifact (the best validation step's weights with train.load_best), checkpoint, report, logs
     save_checkpoint(ckpt_dir, adapted, optimizer, scheduler, state.to_dict(), cfg.train.keep_checkpoints, info, forward)
     if cfg.train.load_best and state.selection.best_step is not None:
         load_best(out / "best", adapted)
         log.info("final adapter = best validation step %d (%s %.4f)", state.selection.best_step, cfg.train.select_by, state.selection.best)
-    adapter_dir = save_result(cfg, adapted, tokenizer, data.tasks, out, info, added)
+    adapter_dir = objective.save(adapted, out, info)
+    report = objective.report(adapted, out, info)
+    final_record = report.pop("record", None)
+    if final_record:
+        metrics.write({"step": state.step, **final_record})
     curve = metrics.finish()
-    samples = sample_answers(cfg, adapted, tokenizer, data.tasks[0]) if cfg.generate.num_samples and info.is_main and info.kind != "fsdp" else []
     val_records = [r for r in metrics.records() if "val_loss" in r] if info.is_main else []
     return TrainResult(
         output_dir=out, adapter_dir=adapter_dir, steps=state.step, seconds=time.perf_counter() - started,
         train_tokens=state.tokens_seen, tokens_per_s=loop_tokens / max(1e-9, train_seconds),
         first_loss=state.first_loss, last_loss=last_loss, val_loss=val_records[-1]["val_loss"] if val_records else None,
-        trainable=adapted.trainable_report(), samples=samples, peak_rss_gb=peak_rss_gb(),
+        trainable=adapted.trainable_report(), peak_rss_gb=peak_rss_gb(),
         best_score=state.selection.best, best_step=state.selection.best_step, select_by=cfg.train.select_by,
         stopped_early=stopped_early, padding_fraction=1 - state.tokens_seen / max(1, state.positions_seen),
-        truncation=data.truncation, loss_curve=curve, world_size=info.world_size,
+        loss_curve=curve, world_size=info.world_size, task=cfg.task, **report,
     )
 
 
 def non_finite_message(
-    loss: float, grad_norm: float | None, step: int, epoch: int, index: int, batch_ids: list[int], data: TrainData,
-    tokenizer: Any, ckpt_dir: Path,
+    loss: float, grad_norm: float | None, step: int, epoch: int, index: int, batch_ids: list[int], objective: Objective,
+    ckpt_dir: Path,
 ) -> str:
     """Name the step and the examples whose loss (or gradient) was NaN / Inf, and the checkpoint to go back to."""
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-    shown = [f"#{i} ({data.units[i].get('task', '?')}: {tokenizer.decode(data.units[i]['input_ids'][:24])!r}...)" for i in batch_ids[:4]]
+    shown = [f"#{i} ({objective.describe(objective.units[i])})" for i in batch_ids[:4]]
     more = f" and {len(batch_ids) - 4} more" if len(batch_ids) > 4 else ""
     found = list_checkpoints(ckpt_dir)
     kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
@@ -335,10 +343,13 @@ def signal_name(number: int | None) -> str:
     return signal.Signals(number).name if number else "signal"
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float | None:
-    if max_norm <= 0:
-        return None
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` (when positive) and return the gradient norm before clipping. With clipping
+    off the norm is still measured, so the NaN / Inf guard sees a non-finite gradient before the step."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
@@ -349,94 +360,23 @@ def evaluation_due(cfg: RunConfig, step: int, steps_per_epoch: int, total_steps:
 
 
 def validate(
-    cfg: RunConfig, forward: nn.Module, adapted: AdaptedModel, tokenizer: Any, data: TrainData, state: Progress,
-    metrics: MetricsLog, out: Path, info: Distributed, device: torch.device, seq2seq: bool,
+    cfg: RunConfig, objective: Objective, forward: nn.Module, adapted: AdaptedModel, state: Progress,
+    metrics: MetricsLog, out: Path, info: Distributed,
 ) -> bool:
-    """Score the validation split, keep the best weights in output_dir/best/; True to stop early."""
-    val_loss = evaluate_loss(forward, data.validation, tokenizer.pad_token_id, cfg.train.batch_size, device, seq2seq)
-    if val_loss is None:
+    """Score the validation split; keep the best weights in output_dir/best/; True to stop early."""
+    scored = objective.validate(forward, adapted, state.step)
+    if scored is None:
         return False
-    record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
-    score = val_loss
-    if cfg.train.select_by == "rougeL":
-        score = record["val_rougeL"] = validation_rouge_l(
-            adapted, tokenizer, data.tasks, cfg.generate.max_new_tokens, cfg.train.batch_size
-        )
-    improved = state.selection.update(score, state.step)
+    record: dict[str, Any] = {"step": state.step, **scored.record}
+    if scored.score is None:
+        metrics.write(record)
+        return False
+    improved = state.selection.update(scored.score, state.step)
     record["best"] = improved
     metrics.write(record)
-    log.info("step %d: validation loss %.4f (ppl %.2f)%s", state.step, val_loss, record["val_ppl"],
-             f", ROUGE-L {score:.4f}" if cfg.train.select_by == "rougeL" else "")
     if improved:
-        save_best(out / "best", adapted, {"step": state.step, cfg.train.select_by: score, "val_loss": val_loss}, info)
+        save_best(out / "best", adapted, {"step": state.step, cfg.train.select_by: scored.score, **scored.record}, info)
     return state.selection.should_stop(cfg.train.early_stopping_patience)
-
-
-def adapter_metadata(cfg: RunConfig, tasks: list[TaskData], tokenizer: Any, added: list[str]) -> dict[str, Any]:
-    """What `peftkit.json` records so every later command formats prompts as training did."""
-    task = tasks[0]
-    meta = {
-        "run_config": cfg.to_dict(),
-        "prompt_format": task.format.to_dict(),
-        "response_column": task.response,
-        "data_shape": task.shape,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "base_model": builtin_origin(cfg.model),
-    }
-    if len(tasks) > 1:
-        meta["tasks"] = {t.name: {"prompt_format": t.format.to_dict(), "response_column": t.response, "weight": t.weight} for t in tasks}
-    if added:
-        meta["added_tokens"] = added
-    return meta
-
-
-def save_result(
-    cfg: RunConfig, adapted: AdaptedModel, tokenizer: Any, tasks: list[TaskData], out: Path,
-    info: Distributed = Distributed(), added: list[str] | None = None,
-) -> Path:
-    """The adapter (PEFT format + peftkit.json), or a full model folder for `method: full`.
-
-    Every rank gathers the weights (FSDP shards them); rank 0 writes. An adapter trained with added
-    tokens carries its tokenizer, so it loads on a fresh base.
-    """
-    target = out / "adapter"
-    meta = adapter_metadata(cfg, tasks, tokenizer, added or [])
-    if info.is_main:
-        atomic_write_json(out / "summary.json", {"adapter": str(target), "trainable": adapted.trainable_report()})
-    if cfg.method == "full":
-        weights = {k: distributed.full_tensor(v) for k, v in adapted.model.state_dict().items()}
-        if info.is_main:
-            with atomic_dir(target) as tmp:
-                adapted.model.save_pretrained(tmp, state_dict=weights)
-                tokenizer.save_pretrained(tmp)
-                (tmp / "peftkit.json").write_text(json.dumps({"format_version": 1, "method": "full", **meta}, indent=2, default=str))
-        distributed.barrier(info)
-        return target
-    tensors = adapted.adapter_state_dict(ADAPTER_NAME)
-    if info.is_main:
-        adapted.save_adapter(target, ADAPTER_NAME, metadata=meta, tensors=tensors)
-        if added:
-            tokenizer.save_pretrained(target)
-    distributed.barrier(info)
-    return target
-
-
-def sample_answers(cfg: RunConfig, adapted: AdaptedModel, tokenizer: Any, task: TaskData) -> list[dict[str, str]]:
-    """Base (adapter disabled) vs tuned answers on the first few test (or validation) rows."""
-    rows = (task.test or task.validation)[: cfg.generate.num_samples]
-    if not rows or task.shape != "prompt_response":
-        return []
-    gen = {"max_new_tokens": cfg.generate.max_new_tokens, "batch_size": len(rows)}
-    tuned = generate_texts(adapted, tokenizer, task.format, rows, **gen)
-    if cfg.method == "full":
-        base = ["(full fine-tuning: the base weights were changed)"] * len(rows)
-    else:
-        with adapted.disable_adapter():
-            base = generate_texts(adapted, tokenizer, task.format, rows, **gen)
-    return [
-        {"prompt": task.format.render(r), "reference": str(r[task.response]), "base": b, "tuned": t}
-        for r, b, t in zip(rows, base, tuned)
-    ]
 
 
 def _dump_yaml(obj: Any) -> str:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -94,13 +94,26 @@ class Validation:
     """The value `train.select_by` compares (best weights, early stopping); None: nothing to select on."""
 
 
-class Objective(Protocol):
+class StepObjective(Protocol):
+    """The part of an objective one optimizer step needs (step.accumulate_gradients): batches and their loss."""
+
+    count_unit: str
+    """What `MicroBatch.count` counts; also the metrics.jsonl key of the step's count (`target_tokens`, `examples`)."""
+
+    def micro_batches(self, units: Sequence[Any], size: int | None, device: torch.device) -> list[MicroBatch]:
+        """`units` as micro-batches of at most `size` units (None: all in one), on `device`."""
+        ...
+
+    def loss(self, model: nn.Module, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the micro-batch's count units, in the graph; extra metrics, also sums, detached)."""
+        ...
+
+
+class Objective(StepObjective, Protocol):
     """A training objective of the one loop (see the module docstring for how one plugs in)."""
 
     name: str
     """Short name, e.g. `sft`, `embedding`, `classification`, `dpo`."""
-    count_unit: str
-    """What `MicroBatch.count` counts; also the metrics.jsonl key of the step's count (`target_tokens`, `examples`)."""
     units: Sequence[Any]
     """The training units (set by `prepare`); `epoch_batches` indexes into them."""
 
@@ -110,14 +123,6 @@ class Objective(Protocol):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The unit indices of each optimizer step of `epoch`: a pure function of (seed, epoch)."""
-        ...
-
-    def micro_batches(self, units: Sequence[Any], size: int | None, device: torch.device) -> list[MicroBatch]:
-        """`units` as micro-batches of at most `size` units (None: all in one), on `device`."""
-        ...
-
-    def loss(self, model: nn.Module, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss summed over the micro-batch's count units, in the graph; extra metrics, also sums, detached)."""
         ...
 
     def describe(self, unit: Any) -> str:
@@ -140,7 +145,7 @@ class Objective(Protocol):
 class ObjectiveForward(nn.Module):
     """`forward(inputs) -> (loss_sum, metrics)`: the module DDP / FSDP wrap, so their hooks see one forward."""
 
-    def __init__(self, objective: Objective, model: nn.Module) -> None:
+    def __init__(self, objective: StepObjective, model: nn.Module) -> None:
         super().__init__()
         self.objective = objective
         self.model = model
@@ -149,11 +154,7 @@ class ObjectiveForward(nn.Module):
         return self.objective.loss(self.model, inputs)
 
 
-def objective_of(forward: nn.Module) -> Objective:
+def objective_of(forward: nn.Module) -> StepObjective:
     """The objective of an ObjectiveForward, through a DDP wrapper (`.module`) if there is one."""
     return getattr(forward, "module", forward).objective
 
-
-def metric_sums(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
-    """Extra metrics as plain floats (sums, to be divided by the step's count)."""
-    return {name: float(value) for name, value in metrics.items()}

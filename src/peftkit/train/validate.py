@@ -30,7 +30,7 @@ def evaluate_loss(
 ) -> float | None:
     """Mean loss per target token over `examples` (None when there are none).
 
-    `forward` is the (possibly DDP / FSDP wrapped) LossForward; every rank evaluates every example,
+    `forward` is the (possibly DDP / FSDP wrapped) ObjectiveForward of a token objective; every rank evaluates every example,
     so all ranks agree on the score without communication.
     """
     if not examples:
@@ -42,7 +42,8 @@ def evaluate_loss(
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, seq2seq)
         batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(forward(batch))
+        loss_sum, _ = forward(batch)
+        total += float(loss_sum)
         count += target_count(batch, seq2seq)
     forward.train(was_training)
     return total / max(1, count)
