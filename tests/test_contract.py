@@ -15,6 +15,7 @@ from peftkit import AdaptedModel, AdapterError, ConfigError, LoraConfig, attach
 from peftkit.adapters import PEFT_PREFIX, WEIGHTS_NAME
 from peftkit.config import AdaptionPromptConfig, BottleneckConfig, PrefixTuningConfig, PromptTuningConfig, QuantConfig, SelectiveConfig
 from peftkit.methods.quant import quantize_base
+from peftkit.methods.registry import METHODS
 
 # name -> (config factory, has identity init, can merge)
 METHOD_CASES = {
@@ -38,6 +39,12 @@ METHOD_CASES = {
     "selective_tied_embeddings": (lambda: SelectiveConfig(components=["embeddings", "head"]), True, True),
     "bitfit": (lambda: SelectiveConfig(top_layers=0, biases_only=True), True, True),
 }
+# every other method of the registry joins with its default config and declared capabilities, so a new
+# method file is covered here without editing this suite
+_COVERED = {type(factory()) for factory, _, _ in METHOD_CASES.values()}
+REGISTRY_CASES = {name: (m.config_cls, m.capabilities.identity_init, m.capabilities.mergeable)
+                  for name, m in METHODS.items() if m.config_cls is not None and m.config_cls not in _COVERED}
+METHOD_CASES |= REGISTRY_CASES
 QUANTIZED_BASES = {"qlora": QuantConfig(bits=4, quant_type="nf4", double_quant=True), "qlora_int8_dora": QuantConfig(bits=8)}
 # (method, kind) pairs the method refuses with a ConfigError (tested below instead of the contract)
 UNSUPPORTED = {("prefix_tuning", "t5"), ("adaption_prompt", "t5"), ("bitfit", "llama"), ("bitfit", "t5")}  # no biases
@@ -47,7 +54,7 @@ KINDS = ["llama", "gpt2", "t5", "vit", "whisper"]
 # beyond text, one case per family keeps the suite fast: the LoRA family (the point of these kinds), a quantized
 # base, bottleneck adapters and selective tuning (Whisper also its tied decoder embeddings and positions)
 _BEYOND_TEXT = ["lora", "lora_qv_default", "rslora", "dora", "qlora", "bottleneck_houlsby", "selective_top_attention"]
-KIND_METHODS = {"vit": _BEYOND_TEXT, "whisper": [*_BEYOND_TEXT, "selective_tied_embeddings"]}
+KIND_METHODS = {"vit": [*_BEYOND_TEXT, *REGISTRY_CASES], "whisper": [*_BEYOND_TEXT, "selective_tied_embeddings", *REGISTRY_CASES]}
 VOCAB = 400
 
 

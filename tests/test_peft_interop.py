@@ -142,3 +142,41 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="refused"):
         AdaptedModel(build_model("llama", VOCAB)).load_adapter(tmp_path / "a")
 
+
+
+def randomize_ia3(model, seed=11):
+    """IA3 vectors start at ones (identity); move them so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_loads_peftkit_ia3_adapter(kind, tmp_path):
+    from peftkit.methods.ia3 import IA3Config
+
+    ours = attach(build_model(kind, VOCAB), IA3Config())  # the architectures table's key, value, feed-forward
+    randomize_ia3(ours)
+    expected = out(ours, kind)
+    ours.save_adapter(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert saved["peft_type"] == "IA3" and saved["feedforward_modules"]
+    loaded = peft.PeftModel.from_pretrained(build_model(kind, VOCAB), str(tmp_path / "a"))
+    torch.testing.assert_close(out(loaded, kind), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_peftkit_loads_peft_ia3_adapter_and_merges_like_it(kind, tmp_path):
+    targets, feedforward = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+                            "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]), "t5": (["k", "v", "wo"], ["wo"])}[kind]
+    theirs = peft.get_peft_model(build_model(kind, VOCAB), peft.IA3Config(target_modules=targets, feedforward_modules=feedforward))
+    randomize_ia3(theirs)
+    expected = out(theirs, kind)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = AdaptedModel(build_model(kind, VOCAB))
+    ours.load_adapter(tmp_path / "p")
+    torch.testing.assert_close(out(ours, kind), expected, rtol=1e-5, atol=1e-5)
+    merged = ours.merge_and_unload()  # rows (and biases) or columns of W scaled, as PEFT merges
+    torch.testing.assert_close(out(merged, kind), out(theirs.merge_and_unload(), kind), rtol=1e-5, atol=1e-5)

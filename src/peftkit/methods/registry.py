@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from . import adaption_prompt, bottleneck, full, lora, prefix_tuning, prompt_tuning, qlora, selective
+from . import adaption_prompt, bottleneck, full, ia3, lora, prefix_tuning, prompt_tuning, qlora, selective
 from .base import Method
 
-ENTRIES = (lora, qlora, prompt_tuning, prefix_tuning, adaption_prompt, bottleneck, selective, full)
+ENTRIES = (lora, qlora, prompt_tuning, prefix_tuning, adaption_prompt, bottleneck, selective, ia3, full)
 
 METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in ENTRIES}
 
