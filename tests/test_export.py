@@ -292,3 +292,23 @@ def test_a_template_that_rewrites_contents_is_refused():
     tokenizer.chat_template = "{% for message in messages %}{{ message['content'] | upper }}{% endfor %}"
     with pytest.raises(ExportError, match="write the Modelfile's TEMPLATE by hand"):
         modelfile_text("m.gguf", tokenizer)
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+def test_cli_export_then_inspect(root, tok, capsys):
+    from peftkit import cli
+
+    adapter, _ = adapter_folder(root, "gpt2", tok)
+    out = root / "cli" / "tuned.gguf"
+    cli.main(["export", str(adapter), "--out", str(out), "--dtype", "q8_0", "--ollama"])
+    printed = capsys.readouterr().out
+    assert "model GGUF (gpt2, q8_0" in printed and "max |merged - unmerged| logit difference" in printed
+    assert "ollama create NAME -f" in printed
+    cli.main(["inspect", str(out)])
+    shown = capsys.readouterr().out
+    for part in ("gpt2", "MOSTLY_Q8_0", "Q8_0 x", "chat template", "yes", "bos / eos / pad ids"):
+        assert part in shown, shown
+    cli.main(["export", str(adapter), "--adapter-only", "--out", str(root / "cli" / "lora.gguf")])
+    assert "--lora" in capsys.readouterr().out
+    cli.main(["inspect", str(root / "cli" / "lora.gguf")])
+    assert "adapter (lora)" in capsys.readouterr().out

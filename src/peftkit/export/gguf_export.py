@@ -16,6 +16,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -75,6 +76,19 @@ def check_destination(source: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
 
 
+def model_config(folder: Path, kind: str, model: str | None = None) -> Any:
+    """The transformers config of the model a GGUF file will hold: the folder's own, or an adapter's base."""
+    name = str(folder)
+    if kind == "adapter":
+        name = model or read_adapter_config(folder)[1].get("base_model_name_or_path")
+        if not name:
+            raise ExportError(f"{folder}: adapter_config.json records no base_model_name_or_path; pass --model BASE")
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the model config of {name!r}: {str(exc).splitlines()[0]}") from None
+
+
 def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16", model: str | None = None,
                 overwrite: bool = False, ollama: bool = False) -> ExportResult:
     """The merged model (adapter + base), a full fine-tune or a base model as one GGUF file (+ an Ollama Modelfile)."""
@@ -82,6 +96,7 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16", model: 
     folder, kind = resolve_source(source)
     out = Path(out)
     check_destination(folder, out, overwrite)
+    gguf_layout(model_config(folder, kind, model))  # refuse an architecture before loading or merging anything
     out.parent.mkdir(parents=True, exist_ok=True)
     merge_error = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
@@ -109,13 +124,6 @@ def export_lora_gguf(source: str | Path, out: str | Path, dtype: str = "f16", mo
         raise ExportError(f"{source}: a full model folder has no adapter to export alone; drop --adapter-only")
     out = Path(out)
     check_destination(folder, out, overwrite)
-    _, raw = read_adapter_config(folder)
-    base = model or raw.get("base_model_name_or_path")
-    if not base:
-        raise ExportError(f"{folder}: adapter_config.json records no base_model_name_or_path; pass --model BASE")
-    try:
-        base_config = AutoConfig.from_pretrained(resolve_model_path(base))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the base model's config {base!r}: {str(exc).splitlines()[0]}") from None
+    base_config = model_config(folder, kind, model)
     path, _ = write_lora_gguf(folder, base_config, out, dtype)
     return ExportResult(path, "adapter", gguf_layout(base_config).name, dtype, path.stat().st_size)
