@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,20 +12,25 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .errors import PeftkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, measured.")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+console.soft_wrap = not console.is_terminal  # a log or a pipe has no width: lines are never cut at 80 columns
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)]
-    )
+    if err_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False)
+    else:  # a log file: one plain line per message, not rich's 80-column layout
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
     logging.getLogger("peftkit").setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -41,12 +47,46 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     _setup_logging(verbose)
 
 
-def _progress() -> Progress:
+class _LossColumn(ProgressColumn):
+    """`loss 2.3456  812 tok/s`, or `starting` before the first step is done (no loss yet)."""
+
+    def render(self, task: Any) -> Text:
+        loss = task.fields.get("loss", float("nan"))
+        if math.isnan(loss):  # no step finished yet
+            return Text("starting")
+        return Text(f"loss {loss:.4f}  {task.fields.get('tps', 0.0):.0f} tok/s")
+
+
+def _progress() -> Any:
+    """A live bar on a terminal; in a log or a pipe, a line every few steps or seconds (`StepLog`)."""
+    if not console.is_terminal:
+        return _step_log()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        _LossColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
     )
+
+
+def _step_log() -> Any:
+    from .train.logs import StepLog
+
+    return StepLog(lambda line: console.print(line, markup=False, highlight=False))
+
+
+def _show_table(table: tuple[list[str], list[list[str]]], title: str, show_header: bool = True, lines: bool = False) -> None:
+    """A rich table on a terminal; elsewhere a Markdown table (as report.md), readable at any width."""
+    from .eval.report import markdown_table
+
+    header, rows = table
+    if not console.is_terminal:
+        console.print(f"\n### {title}\n\n{markdown_table(table)}\n", markup=False, highlight=False)
+        return
+    shown = Table(title=title, show_header=show_header, show_lines=lines)
+    for column in header:
+        shown.add_column(column, overflow="fold")
+    for row in rows:
+        shown.add_row(*row)
+    console.print(shown)
 
 
 @app.command()
@@ -55,7 +95,14 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=1 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
 ) -> None:
-    """Fine-tune a model (default: LoRA on SmolLM2-135M, aclsum outcome summaries)."""
+    """Fine-tune a model (default: LoRA on SmolLM2-135M, aclsum outcome summaries).
+
+    Your own data: a .jsonl file, one JSON object per line, e.g. {"abstract": "We study ...", "summary": "We find ..."}
+
+    peftkit train --set data.train=papers.jsonl --set data.prompt={abstract} --set data.response=summary
+
+    data.prompt: a column, or a template over the columns ("{title}: {abstract}"); data.response: the column to learn (the loss is on it). A file replaces the built-in dataset. Validation and test rows are held out (data.val_ratio, data.test_ratio) unless data.validation / data.test name files. Also .csv, .json, .parquet, chat "messages" and plain "text" columns: see the README, section "Data format".
+    """
     from .config import load_config
     from .train import run_training
 
@@ -67,10 +114,17 @@ def train(
     if not main_process:
         run_training(cfg, resume=resume)
         return
-    console.print(f"[bold]peftkit train[/]: {cfg.method} on [cyan]{cfg.model}[/], data [cyan]{cfg.data.dataset or cfg.data.train or 'mixture'}[/] -> {cfg.output_dir}")
+    console.print(f"[bold]peftkit train[/]: {cfg.method} on [cyan]{cfg.model}[/], data [cyan]{_data_name(cfg)}[/] -> {cfg.output_dir}")
     with _progress() as progress:
         result = run_training(cfg, resume=resume, progress=progress)
     _print_result(result)
+
+
+def _data_name(cfg: Any) -> str:
+    """What trains: the built-in dataset, the training file, or the mixture's tasks."""
+    if cfg.data.mixture:
+        return "mixture of " + ", ".join(m.name or m.dataset or Path(m.train).stem for m in cfg.data.mixture)
+    return str(cfg.data.train or cfg.data.dataset)
 
 
 def _train_encoder(cfg: Any, resume: bool) -> None:
@@ -78,17 +132,15 @@ def _train_encoder(cfg: Any, resume: bool) -> None:
     from .train import run_training
 
     console.print(f"[bold]peftkit train[/]: {cfg.task} with {cfg.method} on [cyan]{cfg.model}[/], data "
-                  f"[cyan]{cfg.data.dataset or cfg.data.train}[/] -> {cfg.output_dir}")
+                  f"[cyan]{_data_name(cfg)}[/] -> {cfg.output_dir}")
     with _progress() as progress:
         result = run_training(cfg, resume=resume, progress=progress)
-    table = Table(title="run summary", show_header=False)
-    for key, value in [("adapter", str(result.adapter_dir)), ("trainable", result.trainable), ("steps", str(result.steps)),
-                       ("wall time (load, train, save, score)", f"{result.seconds:.1f} s"),
-                       ("training tokens/s", f"{result.tokens_per_s:.0f}"),
-                       ("loss first -> last step", f"{result.first_loss:.4f} -> {result.last_loss:.4f}"),
-                       ("peak RSS", "n/a" if result.peak_rss_gb is None else f"{result.peak_rss_gb:.2f} GB")]:
-        table.add_row(key, value)
-    console.print(table)
+    rows = [["adapter", str(result.adapter_dir)], ["trainable", result.trainable], ["steps", str(result.steps)],
+            ["wall time (load, train, save, score)", f"{result.seconds:.1f} s"],
+            ["training tokens/s", f"{result.tokens_per_s:.0f}"],
+            ["loss first -> last step", f"{result.first_loss:.4f} -> {result.last_loss:.4f}"],
+            ["peak RSS", "n/a" if result.peak_rss_gb is None else f"{result.peak_rss_gb:.2f} GB"]]
+    _show_table((["field", "value"], rows), "run summary", show_header=False)
     if result.test:
         _print_encoder_scores({"task": result.task, "systems": {"base": result.test["base"], "adapter": result.test["adapter"]}},
                               f"{result.split} split: base encoder vs adapter")
@@ -97,11 +149,10 @@ def _train_encoder(cfg: Any, resume: bool) -> None:
 def _print_encoder_scores(results: dict[str, Any], title: str) -> None:
     from .tasks.evaluate import results_table
 
-    _print_report_table(results_table(results), title)
+    _show_table(results_table(results), title)
 
 
 def _print_result(result: Any) -> None:
-    table = Table(title="run summary", show_header=False)
     rows = [
         ("adapter", str(result.adapter_dir)),
         ("trainable", result.trainable),
@@ -116,16 +167,22 @@ def _print_result(result: Any) -> None:
         ("loss curve", str(result.loss_curve or "n/a")),
         ("peak RSS", "n/a" if result.peak_rss_gb is None else f"{result.peak_rss_gb:.2f} GB"),
     ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
+    _show_table((["field", "value"], [list(row) for row in rows]), "run summary", show_header=False)
     if result.samples:
-        samples = Table(title="test prompts: base vs tuned", show_lines=True)
-        for col in ("reference", "base (adapter disabled)", "tuned"):
-            samples.add_column(col, overflow="fold")
-        for s in result.samples:
-            samples.add_row(s["reference"], s["base"], s["tuned"])
-        console.print(samples)
+        _show_table((["reference", "base (adapter disabled)", "tuned"], [[s["reference"], s["base"], s["tuned"]] for s in result.samples]),
+                    "test prompts: base vs tuned", lines=True)
+        console.print(_samples_note(result.samples[0]["settings"]), highlight=False)
+
+
+def _samples_note(settings: str) -> str:
+    """The samples' decoding, and whether `peftkit eval` (by default) decodes the same way."""
+    from .generate import Decoding
+
+    evaluation = f"{Decoding().describe()}, {EVAL_PRECISION} weights"
+    if settings == evaluation:
+        return f"decoded as `peftkit eval` decodes by default ({settings}): it answers these papers the same way"
+    return (f"decoded with: {settings}; `peftkit eval` by default: {evaluation}, so its answers can differ "
+            "(match them with its options --max-new-tokens, --repetition-penalty, --no-repeat-ngram-size, --sample)")
 
 
 @app.command()
@@ -136,6 +193,8 @@ def generate(
     max_new_tokens: int = typer.Option(60, min=1, help="Most new tokens per answer."),
     compare: bool = typer.Option(False, "--compare", help="Also show the base model's answer (adapter disabled)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    repetition_penalty: float = typer.Option(1.0, min=0.01, help="Divide the logits of tokens already in the text by this (1.0: off)."),
+    no_repeat_ngram_size: int = typer.Option(0, min=0, help="Never repeat an N-gram (0: off)."),
 ) -> None:
     """Generate answers, formatting prompts exactly as the adapter was trained."""
     from .inference import load_for_inference, prompt_rows
@@ -144,8 +203,10 @@ def generate(
         raise PeftkitError("give --adapter PATH or --model NAME")
     loaded = load_for_inference(adapter, model)
     rows = prompt_rows(loaded.format, prompt)
-    answers = loaded.generate(rows, max_new_tokens=max_new_tokens, do_sample=sample)
-    base = loaded.generate(rows, max_new_tokens=max_new_tokens, do_sample=sample, base=True) if compare else None
+    decoding = {"max_new_tokens": max_new_tokens, "do_sample": sample, "repetition_penalty": repetition_penalty,
+                "no_repeat_ngram_size": no_repeat_ngram_size}
+    answers = loaded.generate(rows, **decoding)
+    base = loaded.generate(rows, **decoding, base=True) if compare else None
     for i, text in enumerate(prompt):
         console.rule(f"prompt {i + 1}")
         console.print(text if len(text) < 400 else text[:400] + "...", style="dim")
@@ -175,13 +236,10 @@ def inspect(
 ) -> None:
     """Show an adapter's method, targets, rank, parameter count, size on disk and template (or a GGUF file's header)."""
     from .export import describe_gguf
-    from .inference import describe_adapter
+    from .artifacts import describe_artifact
 
-    info = describe_gguf(adapter) if adapter.suffix == ".gguf" else describe_adapter(adapter)
-    table = Table(title=str(adapter), show_header=False)
-    for key, value in info.items():
-        table.add_row(key, str(value))
-    console.print(table)
+    info = describe_gguf(adapter) if adapter.suffix == ".gguf" else describe_artifact(adapter)
+    _show_table((["field", "value"], [[key, str(value)] for key, value in info.items()]), str(adapter), show_header=False)
     if nearest and info.get("peft_type") == "PROMPT_TUNING":
         _print_nearest_tokens(adapter, nearest)
 
@@ -192,29 +250,20 @@ def _print_nearest_tokens(adapter: Path, k: int) -> None:
     from .methods.prompt_tuning import soft_prompt_neighbours
 
     adapted, tokenizer = AdaptedModel.from_pretrained(adapter)
-    table = Table(title="nearest vocabulary tokens of each virtual token (cosine similarity)")
-    table.add_column("virtual token", justify="right")
-    table.add_column(f"top {k}", overflow="fold")
-    for index, row in enumerate(soft_prompt_neighbours(adapted, tokenizer, k=k)):
-        table.add_row(str(index), "   ".join(f"{token!r} {score:.2f}" for token, score in row))
-    console.print(table)
+    rows = [[str(index), "   ".join(f"{token!r} {score:.2f}" for token, score in row)]
+            for index, row in enumerate(soft_prompt_neighbours(adapted, tokenizer, k=k))]
+    _show_table((["virtual token", f"top {k}"], rows), "nearest vocabulary tokens of each virtual token (cosine similarity)")
 
 
-def _print_report_table(table: tuple[list[str], list[list[str]]], title: str) -> None:
-    header, rows = table
-    shown = Table(title=title)
-    for column in header:
-        shown.add_column(column, overflow="fold")
-    for row in rows:
-        shown.add_row(*row)
-    console.print(shown)
+EVAL_PRECISION = "fp32"
+"""`peftkit eval` runs every system in fp32, so its scores do not depend on the machine's bf16 support."""
 
 
 @app.command("eval")
 def eval_(
     adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter or full fine-tune folder, or NAME=FOLDER (repeatable)."),
     base: bool = typer.Option(True, "--base/--no-base", help="Include the base model (adapters disabled)."),
-    recorded: list[str] = typer.Option([], "--recorded", help="NAME=results.json: that system's outputs from an earlier evaluation, scored again on the same rows (repeatable)."),
+    recorded: list[str] = typer.Option([], "--recorded", help="NAME=results.json: that system's outputs from an earlier evaluation, scored again on the same rows (repeatable); a bare results.json: all its systems, and alone it also gives the base model, task and rows."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapters' own)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in task to score (default: the run's own task)."),
     split: str = typer.Option("test", help="Split of the scored task: test or validation."),
@@ -226,6 +275,8 @@ def eval_(
     batch_size: int = typer.Option(8, min=1, help="Prompts generated together."),
     num_beams: int = typer.Option(1, min=1, help="Beam search with this many beams (1: greedy)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    repetition_penalty: float = typer.Option(1.0, min=0.01, help="Divide the logits of tokens already in the text by this (1.0: off)."),
+    no_repeat_ngram_size: int = typer.Option(0, min=0, help="Never repeat an N-gram (0: off)."),
     temperature: float = typer.Option(1.0, min=0.01, help="Sampling temperature (with --sample)."),
     top_p: float = typer.Option(1.0, min=0.01, max=1.0, help="Nucleus sampling mass (with --sample)."),
     seed: int = typer.Option(0, help="Seed for sampling and the bootstrap intervals."),
@@ -237,7 +288,7 @@ def eval_(
     """Compare the base, adapters and full fine-tunes: ROUGE/BLEU, forgetting, multiple choice, a report."""
     from .eval.evaluate import GenerationSettings, run_evaluation
     from .eval.multiple_choice import read_mc_file
-    from .eval.recorded import read_recorded
+    from .eval.recorded import read_recorded_systems, recorded_run
     from .eval.report import forgetting_rows, mc_table, score_table, write_report
     from .eval.systems import describe_systems
     from .eval.tasks import plan_tasks
@@ -248,24 +299,29 @@ def eval_(
         _print_encoder_scores(results, f"{results['task']}: {results['dataset']} ({split}), base vs adapter")
         console.print(f"results: [cyan]{out / 'results.json'}[/]")
         return
-    systems = describe_systems(list(adapter), base, model) + [read_recorded(spec) for spec in recorded]
+    if recorded and not (adapter or model or dataset or held_out or mc):  # `--recorded FILE` alone: its model, task, rows
+        run = recorded_run(recorded[0])
+        model, dataset, split, limit = run.model, run.task, run.split, limit or run.limit
+    systems = describe_systems(list(adapter), base, model) + [s for spec in recorded for s in read_recorded_systems(spec)]
     tasks = plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out), held_out_limit)
     questions = read_mc_file(mc) if mc else None
     if not tasks and not questions:
         raise PeftkitError("nothing to score: pass --dataset NAME, an adapter trained by peftkit, --held-out or --mc")
     settings = GenerationSettings(max_new_tokens, batch_size, num_beams, sample, temperature, top_p, seed,
-                                  not whole_output, stemmer)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        results = run_evaluation(systems, tasks, settings, questions, str(mc) if mc else None, device, progress=progress)
+                                  not whole_output, stemmer, repetition_penalty, no_repeat_ngram_size)
+    bar = (Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console) if console.is_terminal else _step_log())
+    with bar as progress:
+        results = run_evaluation(systems, tasks, settings, questions, str(mc) if mc else None, device, EVAL_PRECISION,
+                                 progress=progress)
     primary = next((t.name for t in tasks if t.primary), None)
     write_report(results, out, title=f"peftkit evaluation: {primary or 'held-out tasks'}")
     if primary:
-        _print_report_table(score_table(results, primary), f"{primary} ({split}, {results['tasks'][primary]['n']} examples)")
+        _show_table(score_table(results, primary), f"{primary} ({split}, {results['tasks'][primary]['n']} examples)")
     if results["forgetting"]:
-        _print_report_table(forgetting_rows(results), "held-out tasks: change vs base")
+        _show_table(forgetting_rows(results), "held-out tasks: change vs base")
     if questions:
-        _print_report_table(mc_table(results), f"multiple choice: {mc}")
+        _show_table(mc_table(results), f"multiple choice: {mc}")
     console.print(f"report: [cyan]{out / 'report.html'}[/] (also report.md, results.json)")
 
 
@@ -291,8 +347,8 @@ def sweep(
     cfg = load_config(config, set_)
     with _progress() as progress:
         results = run_sweep(cfg, list(method), list(rank), list(lr), out, split, limit, metric, progress=progress)
-    write_report(results, out / "report", title=f"peftkit sweep: {cfg.data.dataset or cfg.data.train}")
-    _print_report_table(sweep_table(results), f"sweep ({metric} on {split})")
+    write_report(results, out / "report", title=f"peftkit sweep: {_data_name(cfg)}")
+    _show_table(sweep_table(results), f"sweep ({metric} on {split})")
     console.print(f"report: [cyan]{out / 'report' / 'report.html'}[/]")
 
 
@@ -367,16 +423,12 @@ def estimate(
         rows = cfg.train.micro_batch_size or cfg.train.batch_size
         batches = [BatchShape(rows, seq_len, rows * seq_len // 4)] if seq_len else None
         estimates.append(estimate_memory(cfg, batches))
-    table = Table(title=f"estimated training memory, {estimates[0].batch.rows} x {estimates[0].batch.length} tokens per forward")
-    table.add_column("GiB")
-    for est in estimates:
-        table.add_column(est.method, justify="right")
-    for i, (label, _) in enumerate(estimates[0].rows()):
-        table.add_row(label, *[f"{est.rows()[i][1] / 2**30:.2f}" for est in estimates])
-    table.add_row("[bold]total", *[f"[bold]{est.total / 2**30:.2f}" for est in estimates])
-    table.add_row("trainable parameters", *[f"{est.trainable_params:,d}" for est in estimates])
-    table.add_row("training state / 16-bit weights", *[f"{est.state_vs_weights:.1f}x" for est in estimates])
-    console.print(table)
+    rows = [[label, *[f"{est.rows()[i][1] / 2**30:.2f}" for est in estimates]] for i, (label, _) in enumerate(estimates[0].rows())]
+    rows.append(["total", *[f"{est.total / 2**30:.2f}" for est in estimates]])
+    rows.append(["trainable parameters", *[f"{est.trainable_params:,d}" for est in estimates]])
+    rows.append(["training state / 16-bit weights", *[f"{est.state_vs_weights:.1f}x" for est in estimates]])
+    _show_table((["GiB", *[est.method for est in estimates]], rows),
+                f"estimated training memory, {estimates[0].batch.rows} x {estimates[0].batch.length} tokens per forward")
     console.print("full fine-tuning keeps a gradient and two Adam states for every weight, plus the activations of "
                   "every layer's input: 12-20x the 16-bit weights in the source material's rule of thumb")
 

@@ -24,9 +24,9 @@ import torch
 
 from . import inject
 from .adapters import AdaptedModel, read_sidecar
-from .config import LoraConfig
+from .artifacts import load_artifact
 from .errors import AdapterError
-from .methods.lora import LoraLinear
+from .methods.lora import LoraConfig, LoraLinear
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,9 @@ def combine_folders(
     """
     if len(paths) != len(weights):
         raise AdapterError(f"{len(paths)} adapters but {len(weights)} weights; give one weight per adapter")
-    adapted, _ = AdaptedModel.from_pretrained(paths[0], base=model, name="source_0")
+    adapted = load_artifact(paths[0], model, device="cpu", name="source_0").adapted
+    if adapted is None:
+        raise AdapterError(f"{paths[0]}: a model folder, not an adapter; combine adapter folders")
     for i, path in enumerate(paths[1:], start=1):
         adapted.load_adapter(path, name=f"source_{i}")
     names = [f"source_{i}" for i in range(len(paths))]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..adapters import CONFIG_NAME, AdaptedModel, read_adapter_config, read_adapter_weights, read_sidecar
+from ..artifacts import load_artifact, resize_for_adapter
 from ..errors import AdapterError, PeftkitError
 from ..models import load_model, resolve_device, resolve_model_path
 from ..precision import resolve_dtype
@@ -145,6 +146,7 @@ class SystemPool:
     def __init__(self, systems: list[System], device: str = "auto", precision: str = "fp32") -> None:
         self.systems = systems
         self.device = resolve_device(device)
+        self.precision = precision
         self.dtype = resolve_dtype(precision, self.device)
         self._base_path: str | None = None
         self._adapted: AdaptedModel | None = None
@@ -161,6 +163,7 @@ class SystemPool:
             if system.kind != "adapter" or resolve_model_path(system.base_model) != base_path:
                 continue
             name = f"system_{i}"
+            tokenizer = resize_for_adapter(model, tokenizer, system.path)  # added tokens: embeddings grow to fit
             adapted.load_adapter(system.path, name=name)
             adapter_params = sum(t.numel() for t in read_adapter_weights(system.path).values())
             system.trainable_pct = 100.0 * adapter_params / (base_params + adapter_params)
@@ -173,9 +176,8 @@ class SystemPool:
     def use(self, system: System) -> Iterator[LoadedSystem]:
         """The system's model, ready for generation or scoring inside the block."""
         if system.kind == "full":
-            model, tokenizer = load_model(str(system.path), dtype=self.dtype, device=self.device)
-            model.eval()
-            yield LoadedSystem(model, tokenizer)
+            artifact = load_artifact(system.path, device=str(self.device), precision=self.precision)
+            yield LoadedSystem(artifact.model, artifact.tokenizer)
             return
         base_path = resolve_model_path(system.base_model)
         if self._base_path != base_path:
