@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoConfig
 
-from ..adapters import CONFIG_NAME, read_adapter_config, read_sidecar
+from ..adapters import CONFIG_NAME, read_adapter_config
+from ..artifacts import load_artifact
 from ..errors import ExportError, ModelError
 from ..inference import merge_to_folder
-from ..models import BUILTIN_MODELS, load_model, resolve_model_path
+from ..models import BUILTIN_MODELS, resolve_model_path
 from .gguf_lora import write_lora_gguf
 from .gguf_model import file_type, write_model_gguf
 from .layouts import gguf_layout
@@ -101,18 +101,18 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16", model: 
     merge_error = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
         weights = folder
-        if kind == "adapter":
+        if kind == "adapter":  # exactly `peftkit merge`, into a folder deleted once loaded
             weights, merge_error = merge_to_folder(folder, Path(tmp) / "merged", model)
-        merged, tokenizer = load_model(str(weights), dtype=torch.float32)
-    meta = read_sidecar(folder)
+        artifact = load_artifact(weights, device="cpu", precision="fp32")
     extra = {"peftkit.source": str(folder.resolve())}
-    if meta.get("prompt_format"):
-        extra["peftkit.prompt_format"] = json.dumps(meta["prompt_format"], sort_keys=True)
+    if artifact.meta.get("prompt_format"):
+        extra["peftkit.prompt_format"] = json.dumps(artifact.meta["prompt_format"], sort_keys=True)
     if merge_error is not None:
         extra["peftkit.merge_max_logit_error"] = f"{merge_error:.3e}"
-    path = write_model_gguf(merged, tokenizer, out, dtype, extra)
-    modelfile = write_modelfile(path, tokenizer) if ollama else None
-    return ExportResult(path, "model", gguf_layout(merged.config).name, dtype, path.stat().st_size, merge_error, modelfile)
+    path = write_model_gguf(artifact.model, artifact.tokenizer, out, dtype, extra)
+    modelfile = write_modelfile(path, artifact.tokenizer) if ollama else None
+    return ExportResult(path, "model", gguf_layout(artifact.model.config).name, dtype, path.stat().st_size, merge_error,
+                        modelfile)
 
 
 def export_lora_gguf(source: str | Path, out: str | Path, dtype: str = "f16", model: str | None = None,
