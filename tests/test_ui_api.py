@@ -20,7 +20,7 @@ from peftkit.config import load_config
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.ui import Roots, UiSettings, create_app
 from peftkit.ui.form import form_sections, form_to_raw, section_shown
-from peftkit.ui.runs import Jobs, progress, run_status
+from peftkit.ui.runs import Jobs, progress, run_status, wall_time
 from peftkit.ui.server import ui_settings
 
 PAGE = {"X-Peftkit-UI": "1"}
@@ -101,6 +101,15 @@ def test_progress_and_eta_count_only_the_current_process_after_a_resume():
     resumed = progress(config, _records([(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 0.5), (6, 1.0)], per_epoch=8))
     assert resumed == {"step": 6, "total": 8, "eta_s": pytest.approx(1.0)}  # 2 steps in 1 s since the resume
     assert progress({"train": {"max_steps": 3}}, _records([(1, 1.0)], per_epoch=8))["total"] == 3
+
+
+def test_wall_time_adds_the_processes_before_a_resume(roots):
+    run = roots.runs / "r"
+    run.mkdir(parents=True)
+    records = _records([(1, 1.0), (2, 2.0), (3, 0.5)], per_epoch=8)
+    assert wall_time(run, records) == pytest.approx(2.5)
+    (run / "ui-train.json").write_text(json.dumps({"pid": 1, "started": 100.0, "ended": 110.0, "exit_code": 0}))
+    assert wall_time(run, records) == pytest.approx(12.0)  # the resumed job's 10 s (load included) + 2 s before
 
 
 @pytest.mark.parametrize("exit_code, adapter, status", [(0, True, "finished"), (130, False, "stopped"), (143, False, "stopped"),

@@ -189,13 +189,20 @@ def progress(config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str,
     return {"step": last["step"], "total": total, "eta_s": eta}
 
 
+def _earlier_segments_s(records: list[dict[str, Any]]) -> float:
+    """Training seconds of the processes before the last resume (each restarts elapsed_s at 0)."""
+    elapsed = [r["elapsed_s"] for r in records if isinstance(r.get("elapsed_s"), (int, float))]
+    return sum(before for before, after in zip(elapsed, elapsed[1:]) if after < before)
+
+
 def wall_time(run_dir: Path, records: list[dict[str, Any]]) -> float | None:
-    """Seconds the UI's last training job took (so far), else the last logged elapsed_s."""
+    """Seconds the run took: the UI's last training job (so far) plus the training time of earlier processes;
+    for a run without a UI job, the logged training time."""
     record = read_job(run_dir, "train")
     if record and isinstance(record.get("started"), (int, float)):
-        return (record.get("ended") or time.time()) - record["started"]
+        return (record.get("ended") or time.time()) - record["started"] + _earlier_segments_s(records)
     elapsed = [r["elapsed_s"] for r in records if isinstance(r.get("elapsed_s"), (int, float))]
-    return elapsed[-1] if elapsed else None
+    return elapsed[-1] + _earlier_segments_s(records) if elapsed else None
 
 
 def run_summary(run_dir: Path, jobs: Jobs) -> dict[str, Any]:

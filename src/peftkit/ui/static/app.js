@@ -29,7 +29,7 @@ function debounce(fn, ms) {
 }
 
 const fmtTime = (s) => s == null ? "–" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${(s / 60).toFixed(1)} min` : `${(s / 3600).toFixed(1)} h`;
-const fmtNum = (x) => x == null ? "–" : Math.abs(x) >= 1e-3 && Math.abs(x) < 1e4 ? (+x.toPrecision(4)).toString() : x.toExponential(2);
+const fmtNum = (x) => x == null ? "–" : x === 0 ? "0" : Math.abs(x) >= 1e-3 && Math.abs(x) < 1e4 ? (+x.toPrecision(4)).toString() : x.toExponential(2);
 
 // -- pages ---------------------------------------------------------------------------------------------
 const pages = { new: showNew, runs: showRuns, run: showRun, playground: showPlayground, reports: showReports };
