@@ -60,7 +60,8 @@ def base_folder(root: Path, kind: str, tokenizer) -> Path:
     return folder
 
 
-def adapter_folder(root: Path, kind: str, tokenizer, name: str = "adapter", **lora) -> tuple[Path, torch.nn.Module]:
+def adapter_folder(root: Path, kind: str, tokenizer, name: str = "adapter", meta: dict | None = None,
+                   **lora) -> tuple[Path, torch.nn.Module]:
     """A LoRA adapter with non-zero B on the tiny base, saved; returns (folder, the merged model)."""
     base = base_folder(root, kind, tokenizer)
     adapted = AdaptedModel(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
@@ -71,7 +72,7 @@ def adapter_folder(root: Path, kind: str, tokenizer, name: str = "adapter", **lo
         for pname, param in adapted.named_parameters():
             if "lora_B" in pname or "modules_to_save" in pname or "magnitude" in pname:
                 param.add_(torch.randn(param.shape, generator=g) * 0.2)
-    meta = {"prompt_format": {"templates": ["Summarize:\n\n{abstract}"], "chat": True, "system_prompt": None}}
+    meta = {"prompt_format": {"templates": ["Summarize:\n\n{abstract}"], "chat": True, "system_prompt": None}, **(meta or {})}
     folder = adapted.save_adapter(root / f"{name}-{kind}", metadata=meta)
     return folder, adapted.merge_and_unload().eval()
 
@@ -136,6 +137,25 @@ def test_rounded_exports_store_exactly_the_rounded_weights(dtype, root, tok, cap
     assert 0 < error_vs_f32 < 0.1
     with capsys.disabled():
         print(f"\n{dtype}: max |logit - f32 merged logit| = {error_vs_f32:.2e} (tiny Llama, 3 prompts)")
+
+
+def test_a_qlora_adapter_is_merged_into_the_dequantized_base_and_the_error_reported(root, tok):
+    from peftkit.config import QuantConfig
+    from peftkit.methods.quant import merge_dequantized, quantize_base
+
+    quant = {"bits": 4, "compute_dtype": "fp32"}
+    adapter, unquantized = adapter_folder(root, "llama", tok, name="qlora", meta={"run_config": {"method": "qlora", "quant": quant}})
+    result = export_gguf(adapter, root / "qlora.gguf", dtype="f32")
+    quantized = AutoModelForCausalLM.from_pretrained(base_folder(root, "llama", tok), dtype=torch.float32)
+    quantize_base(quantized, QuantConfig(**quant))
+    adapted = AdaptedModel(quantized)
+    adapted.load_adapter(adapter)
+    probe = tok("The merged model must agree with the adapter.", return_tensors="pt")
+    expected, report = merge_dequantized(adapted.eval(), dict(probe), QuantConfig(**quant))
+    assert result.merge_max_logit_error == pytest.approx(report.max_logit_error)
+    back = read_back(result.path)
+    assert max_logit_error(back, expected, tok) <= 1e-4
+    assert max_logit_error(back, unquantized, tok) > 1e-3  # the 4-bit base it trained on, not the full-precision one
 
 
 def test_q8_0_keeps_vectors_in_f32_and_falls_back_to_f16_for_partial_blocks():
