@@ -234,6 +234,16 @@ def test_adapters_llama_cpp_cannot_apply_are_refused_but_merge(lora, reason, roo
     assert max_logit_error(back, merged, tok) <= 1e-4
 
 
+def test_added_tokens_and_a_tied_head_are_refused(root, tok):
+    adapter, _ = adapter_folder(root, "llama", tok, name="tied-head", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ExportError, match="lm_head is not a weight.*shares the embedding"):
+        export_lora_gguf(adapter, root / "tied.gguf")
+    adapter, _ = adapter_folder(root, "llama", tok, name="added-tokens")
+    tok.save_pretrained(adapter)  # what training with data.add_special_tokens leaves beside the adapter
+    with pytest.raises(ExportError, match="added tokens"):
+        export_lora_gguf(adapter, root / "added.gguf")
+
+
 def test_soft_prompts_are_refused_with_the_reason(root, tok):
     from peftkit.methods.prompt_tuning import PromptTuningConfig
 
