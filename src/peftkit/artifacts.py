@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -35,11 +36,12 @@ from .adapters import (
 from .data.templates import PromptFormat
 from .errors import AdapterError
 from .generate import generate_texts
-from .models import load_model, load_tokenizer, resolve_device
+from .models import load_encoder, load_model, load_tokenizer, resolve_device
 from .precision import resolve_dtype
 
 Kind = Literal["base", "adapter", "full", "merged"]
 DEFAULT_BASE = "smollm2-135m"
+ENCODER_TASKS = ("embedding", "classification")
 
 
 @dataclass
@@ -121,13 +123,24 @@ def load_artifact(
     base_name = model or raw.get("base_model_name_or_path")
     if not base_name:
         raise AdapterError(f"{path}: adapter_config.json records no base_model_name_or_path; pass the base model (--model)")
-    base, tokenizer = load_model(base_name, dtype=dtype, device=dev)
+    base, tokenizer = _load_base(base_name, meta, dtype, dev)
     tokenizer = resize_for_adapter(base, tokenizer, path)
     adapted = AdaptedModel(base)
     adapted.load_adapter(path, name=name)
     adapted.to(dev)
     adapted.eval()
     return Artifact("adapter", adapted, tokenizer, saved_format(meta), meta, adapted, path)
+
+
+def _load_base(name: str, meta: Mapping[str, Any], dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    """The base an adapter was trained on: a causal / seq2seq LM, or for `task: embedding | classification`
+    runs the bare encoder or the encoder with a fresh head, seeded as in training (the "before" column)."""
+    task = meta.get("task")
+    if task not in ENCODER_TASKS:
+        return load_model(name, dtype=dtype, device=device)
+    labels = meta.get("labels") or []
+    torch.manual_seed(int(((meta.get("run_config") or {}).get("train") or {}).get("seed", 0)))
+    return load_encoder(name, len(labels) if task == "classification" else None, dtype=dtype, device=device)
 
 
 def describe_artifact(path: str | Path) -> dict[str, Any]:

@@ -20,8 +20,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from ..config import RunConfig, config_from_dict
 from ..errors import ConfigError
+from ..train import run_training
 from .evaluate import GenerationSettings, run_evaluation
 from .systems import describe_system
 from .tasks import task_from_run
@@ -58,8 +61,6 @@ def grid(cfg: RunConfig, methods: list[str], ranks: list[int], lrs: list[float],
 
 def train_or_reuse(cfg: RunConfig, progress: Any = None) -> Path:
     """Train `cfg`, or reuse its finished adapter when an earlier sweep already wrote it."""
-    from ..train import run_training
-
     adapter = Path(cfg.output_dir) / "adapter"
     if adapter.is_dir():
         log.info("reusing finished run %s", adapter)
@@ -69,8 +70,6 @@ def train_or_reuse(cfg: RunConfig, progress: Any = None) -> Path:
 
 def trainable_params(folder: Path) -> int:
     """Parameters a run trained: every tensor it saved (the adapter's, or the whole model's for `full`)."""
-    from safetensors import safe_open
-
     total = 0
     for file in folder.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:

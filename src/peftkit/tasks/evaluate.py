@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from ..adapters import AdaptedModel, read_sidecar
+from ..artifacts import ENCODER_TASKS, load_artifact
 from ..config import RunConfig, config_from_dict
 from ..errors import AdapterError, PeftkitError
+from ..eval.systems import split_named, system_name
 from ..io import atomic_write_json
-from ..models import load_encoder, resolve_device
+from ..models import resolve_device
 from .classification import evaluate_classification
 from .data import load_encoder_data
+from .embedding import evaluate_retrieval
 
-ENCODER_TASKS = ("embedding", "classification")
 COUNTS = ("queries", "passages", "examples")
 """Keys of a score dict that count what was scored rather than score it."""
 
@@ -35,8 +37,6 @@ def score_split(
     device: torch.device | str = "cpu", batch_size: int = 32,
 ) -> dict[str, float]:
     """The task's metrics of `model` on `rows` (retrieval for embeddings, accuracy / F1 for classification)."""
-    from .embedding import evaluate_retrieval
-
     model.eval()
     if cfg.task == "embedding":
         return evaluate_retrieval(model, tokenizer, rows, cfg.embedding.pooling, cfg.data.max_length,
@@ -56,8 +56,6 @@ def before_after(
 
 def encoder_task(spec: str | Path) -> str | None:
     """`embedding` / `classification` for an adapter (PATH or NAME=PATH) trained on that task, else None."""
-    from ..eval.systems import split_named
-
     task = read_sidecar(split_named(spec)[1]).get("task")
     return task if task in ENCODER_TASKS else None
 
@@ -73,12 +71,9 @@ def run_config_of(path: str | Path) -> RunConfig:
 def load_encoder_adapter(path: str | Path, model: str | None = None, device: torch.device | str = "cpu") -> tuple[AdaptedModel, Any]:
     """The adapter on its base encoder (or `model`), in fp32; the base head is seeded as in training."""
     cfg = run_config_of(path)
-    labels = read_sidecar(path).get("labels") or []
-    torch.manual_seed(cfg.train.seed)  # a classification base gets the same fresh head as the training run's "before"
-    base, tokenizer = load_encoder(model or cfg.model, len(labels) if cfg.task == "classification" else None, device=device)
-    adapted = AdaptedModel(base)
-    adapted.load_adapter(path)
-    return adapted, tokenizer
+    artifact = load_artifact(path, model or cfg.model, device=str(device), precision="fp32")
+    assert artifact.adapted is not None  # run_config_of read an adapter's peftkit.json
+    return artifact.adapted, artifact.tokenizer
 
 
 def evaluate_encoder_adapters(
@@ -86,8 +81,6 @@ def evaluate_encoder_adapters(
     out: str | Path | None = None, device: str = "auto",
 ) -> dict[str, Any]:
     """Score the base and each adapter (all of the same task and data) on `split`; write results.json to `out`."""
-    from ..eval.systems import split_named, system_name
-
     if not adapters:
         raise PeftkitError("pass --adapter PATH of an embedding or classification adapter")
     tasks = {encoder_task(a) for a in adapters}

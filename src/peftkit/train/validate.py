@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.batching import collate
 from ..data.datasets import TaskData
+from ..eval.metrics import first_line, rouge_scores
 from ..generate import generate_texts
 from .loss import target_count
 
@@ -55,8 +56,6 @@ def perplexity(loss: float) -> float:
 
 def validation_rouge_l(model: nn.Module, tokenizer: Any, tasks: Sequence[TaskData], max_new_tokens: int, batch_size: int) -> float:
     """ROUGE-L F1 (rouge-score, stemmed) of greedy answers on the validation rows, canonical phrasing."""
-    from ..eval.metrics import first_line, rouge_scores
-
     predictions, references = [], []
     for task in tasks:
         if task.shape != "prompt_response" or not task.validation:
