@@ -361,9 +361,14 @@ def serve(
     port: int = typer.Option(8000, min=1, max=65535, help="Port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PEFTKIT_API_KEY", help="Bearer key; admin endpoints need it (prefer the env var)."),
     adapter_root: Optional[Path] = typer.Option(None, "--adapter-root", help="The only folder admin loads may read from."),
-    base_name: Optional[str] = typer.Option(None, "--base-name", help="Name requests use for the base (default: --model)."),
-    max_batch_size: int = typer.Option(8, min=1, help="Most requests decoded in one forward pass."),
-    max_wait_ms: float = typer.Option(10.0, min=0, help="How long a request waits for others to batch with."),
+    base_name: Optional[str] = typer.Option(
+        None, "--served-model-name", "--base-name", help="Name requests use for the base (default: a built-in's name, a folder's name)."),
+    max_batch_size: int = typer.Option(8, min=1, help="Most sequences decoded in one forward pass."),
+    max_wait_ms: float = typer.Option(10.0, min=0, help="Static batching: how long a request waits for others to batch with."),
+    batching: str = typer.Option("continuous", help="continuous (requests join between decode steps) or static."),
+    kv_cache_tokens: int = typer.Option(32768, min=1, help="KV-cache budget in tokens; requests that do not fit wait."),
+    max_choices: int = typer.Option(16, min=1, help="Largest n / best_of of one request."),
+    drain_seconds: float = typer.Option(10.0, min=0, help="On SIGTERM: how long requests in flight may finish."),
     max_prompt_tokens: int = typer.Option(2048, min=1, help="Longest prompt accepted, in tokens."),
     max_tokens: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
     max_concurrent: int = typer.Option(64, min=1, help="Requests in flight at once (429 above)."),
@@ -378,8 +383,11 @@ def serve(
     settings = ServeSettings(
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_prompt_tokens=max_prompt_tokens,
         max_tokens_limit=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body_bytes,
-        api_key=api_key, adapter_root=adapter_root,
+        api_key=api_key, adapter_root=adapter_root, batching=batching, kv_cache_tokens=kv_cache_tokens,
+        max_choices=max_choices, drain_seconds=drain_seconds,
     )
+    if batching not in ("continuous", "static"):
+        raise PeftkitError(f"--batching {batching!r}: choose continuous or static")
     if adapter_root is not None and not adapter_root.is_dir():
         raise PeftkitError(f"--adapter-root {adapter_root}: no such folder")
     run_server(model, parse_adapter_specs(adapter), settings, host, port, merge, device, precision, base_name)
