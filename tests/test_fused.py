@@ -146,3 +146,118 @@ def test_fused_lora_equals_plain_path(monkeypatch, dropout, conv1d):
     for fused, plain in zip(*runs):
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     assert base.weight.grad is None  # the frozen base gets no gradient
+
+
+# -- the fused loss through whatever the head is ---------------------------------------------------
+HEAD_KINDS = ["plain", "lora_head", "lora_head_tied", "lora_head_disabled", "modules_to_save", "resized", "tied_full",
+              "dora_head"]
+
+
+def _tiny_qwen2(tied: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=256, tie_word_embeddings=tied)
+    config._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(config).eval()  # fp32
+
+
+def _adapted_head(kind: str):
+    """A tiny Qwen2 (untied unless the kind says tied) with the head in the given state, adapters randomised."""
+    from peftkit.adapters import AdaptedModel
+    from peftkit.config import LoraConfig
+
+    model = _tiny_qwen2(tied=kind in ("lora_head_tied", "tied_full"))
+    adapted = AdaptedModel(model)
+    targets = ["q_proj", "v_proj", "lm_head"] if kind.startswith(("lora_head", "dora")) else ["q_proj", "v_proj"]
+    if kind == "resized":  # data.add_special_tokens: more rows, embeddings and head trained with the adapter
+        model.resize_token_embeddings(105)
+    if kind == "tied_full":
+        model.requires_grad_(True)
+    else:
+        save = {"modules_to_save": ["lm_head"], "resized": ["embed_tokens", "lm_head"]}.get(kind, [])
+        adapted.add_adapter("default", LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=targets, modules_to_save=save,
+                                                  use_dora=kind == "dora_head"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:  # B != 0, so lora_A gets a gradient too
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return adapted
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    from peftkit.data.batching import collate
+
+    return collate(_examples(3), pad_id=0)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_fused_loss_equals_plain_for_every_head(kind):
+    """Loss and every trainable gradient (lm_head lora_A / lora_B, a modules_to_save copy, tied weights): the fused
+    linear cross-entropy over the labelled positions == cross-entropy of the model's full logits. fp32."""
+    from contextlib import nullcontext
+
+    from peftkit.train.loss import fused_head, supports_selective_logits, token_losses
+
+    adapted = _adapted_head(kind)
+    assert supports_selective_logits(adapted)
+    batch = _batch()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    context = adapted.disable_adapter() if kind == "lora_head_disabled" else nullcontext()
+    results = []
+    with context:
+        exact = fused_head(adapted.model.get_output_embeddings())
+        assert (exact is None) == (kind == "dora_head"), "only DoRA's head falls back to full logits"
+        for compute in ("fused", "plain"):
+            adapted.zero_grad(set_to_none=True)
+            if compute == "fused":
+                loss = token_losses(adapted, batch).sum()
+            else:
+                logits = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+            if kind != "lora_head_disabled":  # disabled: nothing trains, the loss alone is compared
+                loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in adapted.named_parameters() if p.grad is not None}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    head_grads = [n for n in plain_grads if "lm_head" in n or (kind == "tied_full" and "embed_tokens" in n)]
+    if kind in ("lora_head", "lora_head_tied", "dora_head"):
+        assert any("lm_head.lora_A" in n for n in head_grads) and any("lm_head.lora_B" in n for n in head_grads), head_grads
+    if kind in ("modules_to_save", "resized", "tied_full", "lora_head_tied", "lora_head", "dora_head"):
+        assert head_grads and all(plain_grads[n].abs().sum() > 0 for n in head_grads)
+
+
+def test_lora_on_an_untied_head_trains_its_b(tmp_path):
+    """The issue's report: `target_modules: [q_proj, v_proj, lm_head]` on an untied Qwen2 saved lm_head.lora_B all zeros."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import build_tokenizer, tiny_run_config
+    from peftkit.config import config_from_dict
+    from peftkit.train import run_training
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps({"abstract": f"Problem {i}. A method.", "summary": f"Gains on {i}."}) + "\n" for i in range(8)))
+    raw = tiny_run_config(tmp_path / "qwen2", rows, tmp_path / "run", max_steps=2, precision="fp32")
+    raw["lora"]["target_modules"] = ["q_proj", "v_proj", "lm_head"]
+    raw["generate"]["num_samples"] = 0
+    result = run_training(config_from_dict(raw))
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    head_b = [t for name, t in saved.items() if "lm_head.lora_B" in name]
+    assert head_b and head_b[0].abs().sum() > 0

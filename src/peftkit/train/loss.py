@@ -8,6 +8,12 @@ chunk, the logits, the loss and the gradient of the loss with respect to the hid
 the head, if it trains) are computed at once and the logits dropped, so no (tokens x vocabulary)
 tensor outlives its chunk (the trick of Liger-Kernel's fused linear cross-entropy).
 
+The head is read through the module that computes it (`fused_head`): a plain linear layer, tied
+or not, resized for added tokens or not; the trained copy of a `modules_to_save` head; a LoRA
+head's base weight PLUS its low-rank term s B A dropout(h), whose gradients reach lora_A and
+lora_B. Where the fused loss could not equal the head's own output (DoRA's row rescaling, a
+quantized or Conv1D-layout base), it says so once and the loss goes through the full logits.
+
 The loss is returned as a SUM with the count of target tokens beside it, so gradient
 accumulation (and several processes) can divide by the step's total count exactly once.
 Packed batches carry `segment_ids`; both paths turn them into a 4D block-diagonal mask.
@@ -149,7 +155,7 @@ def _not_fused(head: nn.Module, why: str) -> None:
     key = f"{type(head).__name__}: {why}"
     if key not in _REPORTED:
         _REPORTED.add(key)
-        log.info("fused linear cross-entropy off for the output head (%s); computing full logits instead", key)
+        log.warning("fused linear cross-entropy off for the output head (%s); computing full logits instead", key)
     return None
 
 
