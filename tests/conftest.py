@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,36 @@ def torch_threads(count: int = SUBPROCESS_THREADS) -> Iterator[None]:
 def subprocess_env() -> dict[str, str]:
     """Environment for a training subprocess: offline, SUBPROCESS_THREADS threads."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(SUBPROCESS_THREADS)}
+
+
+BF16_UNIT_ROUNDOFF = torch.finfo(torch.bfloat16).eps / 2
+"""2^-8 ~ 3.9e-3: bf16 keeps 8 significant bits, so one rounding moves a value by at most this fraction.
+Tests that compare two bf16 computations derive their tolerance from it (and say why in a comment)."""
+
+
+@lru_cache(maxsize=None)
+def bnb_fused_bf16_kernel() -> bool:
+    """Does bitsandbytes have its fused bf16 4-bit kernel on this CPU (AVX512-BF16)?
+
+    bitsandbytes runs a 4-bit layer's forward on the CPU in one of two ways: dequantize the weight and matmul
+    in compute_dtype (every CPU while autograd records; always on CPUs without AVX512-BF16), or, on
+    AVX512-BF16 CPUs in inference (eval mode, input not requiring grad), a fused kernel that rounds the
+    activations to bf16 whatever compute_dtype says (bitsandbytes 0.50 backends/cpu/ops.py, gemv_4bit:
+    "cpu fused op only support bf16 for now"). Which layers take which path depends on autograd state and on
+    the loader, so two computations of one quantized model agree exactly only where the kernel does not exist.
+    """
+    import bitsandbytes  # the quant extra: imported only by the tests that quantize
+
+    return bool(bitsandbytes.functional.has_avx512bf16())
+
+
+def quantized_forward_atol(largest_logit: float, exact: float = 0.0) -> float:
+    """Largest |logit difference| allowed between two computations of one quantized model: `exact` where
+    bitsandbytes has one CPU path, else two bf16 roundings of the largest logit.
+
+    Measured on an AVX2 host by emulating the fused kernel (each quantized layer's input and output rounded to
+    bf16), tiny Llama / GPT-2 / T5 logits moved by 0.15-0.23% of the largest logit; on an AVX512-BF16 host
+    transformers' and peftkit's 4-bit loads differed by up to 3e-3 (largest logit ~1.1). 4-bit quantization
+    itself moves them by 5-9%, so the bound still catches a forward that skips or misreads the quantized weights.
+    """
+    return 2 * BF16_UNIT_ROUNDOFF * largest_logit if bnb_fused_bf16_kernel() else exact
