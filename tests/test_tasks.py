@@ -81,7 +81,9 @@ def labelled_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedding_run(bert_dir, pairs_file, tmp_path_factory):
-    cfg = config_from_dict(encoder_config(bert_dir, pairs_file, tmp_path_factory.mktemp("emb") / "run", "embedding"))
+    # fp32: `eval` must reproduce the run's scores exactly, and `auto` trains in bf16 on bf16-native hosts
+    cfg = config_from_dict(encoder_config(bert_dir, pairs_file, tmp_path_factory.mktemp("emb") / "run", "embedding",
+                                          precision="fp32"))
     return cfg, run_training(cfg)
 
 

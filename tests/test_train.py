@@ -194,8 +194,10 @@ def test_continue_training_from_our_adapter_and_from_peft(model_dirs, data_file,
     from peftkit.models import load_model
     from peftkit.train.setup import prepare_model
 
-    first = run(model_dirs, data_file, tmp_path / "a", epochs=1, lr=3e-2)
-    second = run(model_dirs, data_file, tmp_path / "b", epochs=1, lr=3e-2, init_adapter=str(first.adapter_dir))
+    # lr 1e-2: the first batch's loss drops 5.98 -> 5.71 in fp32 and in bf16; at 3e-2 the loss bounced back up
+    # (5.69 -> 6.24) and the second run started lower only by 0.3% in fp32, higher in bf16
+    first = run(model_dirs, data_file, tmp_path / "a", epochs=1, lr=1e-2)
+    second = run(model_dirs, data_file, tmp_path / "b", epochs=1, lr=1e-2, init_adapter=str(first.adapter_dir))
     assert second.first_loss < first.first_loss, "the second run starts where the first ended"
     cfg = config_from_dict(tiny_run_config(model_dirs["llama"], data_file, tmp_path / "b2", init_adapter=str(first.adapter_dir)))
     ours = prepare_model(cfg, load_model(cfg.model)[0]).adapter_state_dict()
