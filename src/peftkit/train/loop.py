@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,9 +33,9 @@ from torch import nn
 from ..adapters import AdaptedModel
 from ..config import RunConfig
 from ..errors import ConfigError, Interrupted, PeftkitError
-from ..io import atomic_write_text, is_disk_full, recover_interrupted_writes
+from ..io import atomic_write_json, atomic_write_text, is_disk_full, recover_interrupted_writes
 from ..models import resolve_device
-from ..precision import resolve_dtype
+from ..precision import choose_dtype, describe
 from . import distributed
 from .checkpoint import list_checkpoints, load_best, load_checkpoint, save_best, save_checkpoint
 from .distributed import Distributed
@@ -84,6 +85,8 @@ class TrainResult:
     """Encoder tasks: {"base": scores with the adapter disabled, "adapter": with it} on `split` (empty when it has no rows)."""
     split: str = ""
     """Encoder tasks: the split `test` scores (test, else validation)."""
+    precision: dict[str, str] = field(default_factory=dict)
+    """{"device", "dtype", "reason"}: what the run computed in, and why (also in summary.json)."""
 
 
 @dataclass
@@ -216,9 +219,9 @@ def _train(
     if not resume and list_checkpoints(ckpt_dir):
         raise PeftkitError(f"{out} already holds checkpoints; pass --resume to continue, or choose another output_dir")
     seed_everything(cfg.train.seed)
-    dtype = resolve_dtype(cfg.train.precision, device)
-    if cfg.method == "full" and dtype == torch.bfloat16:
-        dtype = torch.float32  # full fine-tuning keeps fp32 master weights; bf16 weights would lose small updates
+    dtype, reason = choose_dtype(cfg.train.precision, device, full_finetune=cfg.method == "full")
+    precision = describe(dtype, reason, device)
+    log.info("precision: %s on %s (%s)", precision["dtype"], device, reason)
 
     # -- data (rows before the model: a bad file fails in a second), model + method (same init on every rank)
     objective = OBJECTIVES[cfg.task](cfg)
@@ -308,6 +311,8 @@ def _train(
         log.info("final adapter = best validation step %d (%s %.4f)", state.selection.best_step, cfg.train.select_by, state.selection.best)
     adapter_dir = objective.save(adapted, out, info)
     report = objective.report(adapted, out, info)
+    if info.is_main:  # the objective wrote summary.json; the loop adds the precision it chose
+        atomic_write_json(out / "summary.json", {**json.loads((out / "summary.json").read_text()), "precision": precision})
     final_record = report.pop("record", None)
     if final_record:
         metrics.write({"step": state.step, **final_record})
@@ -320,7 +325,7 @@ def _train(
         trainable=adapted.trainable_report(), peak_rss_gb=peak_rss_gb(),
         best_score=state.selection.best, best_step=state.selection.best_step, select_by=cfg.train.select_by,
         stopped_early=stopped_early, padding_fraction=1 - state.tokens_seen / max(1, state.positions_seen),
-        loss_curve=curve, world_size=info.world_size, task=cfg.task, **report,
+        loss_curve=curve, world_size=info.world_size, task=cfg.task, precision=precision, **report,
     )
 
 
