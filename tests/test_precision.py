@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from conftest import subprocess_env, tiny_run_config
+from peftkit.config import config_from_dict
 from peftkit.errors import ConfigError
 from peftkit.precision import CPU_BF16_ENV, choose_dtype, cpu_bf16, cpu_supports_bf16, resolve_dtype
+from peftkit.train import run_training
 
 CPU = torch.device("cpu")
 
@@ -60,3 +69,44 @@ def test_full_finetuning_keeps_fp32_master_weights(monkeypatch):
 def test_unknown_precision_is_a_config_error():
     with pytest.raises(ConfigError, match="precision 'fp16': use auto, bf16 or fp32"):
         choose_dtype("fp16", CPU)
+
+
+# -- what `peftkit train` reports -----------------------------------------------------------------
+def summary_precision(out) -> dict[str, str]:
+    return json.loads((out / "summary.json").read_text())["precision"]
+
+
+@pytest.mark.parametrize(("forced", "dtype"), [("0", "fp32"), ("1", "bf16")])
+def test_train_command_says_what_auto_chose_and_why(model_dirs, data_file, tmp_path, forced, dtype):
+    raw = tiny_run_config(model_dirs["llama"], data_file, tmp_path / "run", max_steps=1)
+    raw["generate"]["num_samples"] = 0
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(config)], capture_output=True, text=True,
+                          env={**subprocess_env(), CPU_BF16_ENV: forced, "COLUMNS": "300"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reason = f"forced by {CPU_BF16_ENV}={forced}"
+    assert f"precision: {dtype} on cpu ({reason})" in done.stdout + done.stderr  # the run header, before training
+    assert summary_precision(tmp_path / "run") == {"device": "cpu", "dtype": dtype, "reason": reason}
+    weights = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # trained weights stay fp32 in either precision
+
+
+def test_train_command_refuses_an_invalid_override(model_dirs, data_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(model_dirs["llama"], data_file, tmp_path / "run", max_steps=1)))
+    done = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(config)], capture_output=True, text=True,
+                          env={**subprocess_env(), CPU_BF16_ENV: "yes"}, timeout=300)
+    assert done.returncode == 2 and f"{CPU_BF16_ENV}='yes': use 1" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("method", "precision", "expected"), [
+    ("full", "auto", {"dtype": "fp32", "reason": f"fp32 master weights for full fine-tuning (bf16 otherwise: forced by {CPU_BF16_ENV}=1)"}),
+    ("lora", "fp32", {"dtype": "fp32", "reason": "precision: fp32 in config"}),
+])
+def test_summary_names_config_and_full_fine_tuning_choices(model_dirs, data_file, tmp_path, monkeypatch, method, precision, expected):
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    raw = tiny_run_config(model_dirs["llama"], data_file, tmp_path / "run", max_steps=1, precision=precision)
+    raw["method"], raw["generate"]["num_samples"] = method, 0
+    result = run_training(config_from_dict(raw))
+    assert result.precision == summary_precision(tmp_path / "run") == {"device": "cpu", **expected}
