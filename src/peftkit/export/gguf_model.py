@@ -48,7 +48,7 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], dtype: str) -> gguf.GGML
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or gguf_name.startswith("position_embd."):
         return Q.F32
     if wanted == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-        log.info("%s: rows of %d values are not whole q8_0 blocks; stored as f16", gguf_name, shape[-1])
+        log.debug("%s: rows of %d values are not whole q8_0 blocks; stored as f16", gguf_name, shape[-1])
         return Q.F16
     return wanted
 
