@@ -122,8 +122,8 @@ def test_serve_command_builds_the_server_it_was_asked_for(folders, model_dirs, m
 
     seen = {}
 
-    def fake_run(asgi_app, host, port, log_level):  # the real uvicorn runs in test_serve_http.py
-        seen.update(host=host, port=port)
+    def fake_run(asgi_app, host, port, log_level, timeout_graceful_shutdown):  # the real uvicorn runs in test_serve_http.py
+        seen.update(host=host, port=port, drain=timeout_graceful_shutdown)
         with TestClient(asgi_app) as client:
             headers = {"Authorization": "Bearer cli-key"}
             seen["models"] = [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
@@ -133,7 +133,7 @@ def test_serve_command_builds_the_server_it_was_asked_for(folders, model_dirs, m
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     monkeypatch.setenv("PEFTKIT_API_KEY", "cli-key")
-    result = CliRunner().invoke(app, ["serve", "--model", str(model_dirs["llama"]), "--base-name", "tiny",
-                                      "--adapter", f"outcome={folders['a']}", "--merge", "--port", "8123"])
+    result = CliRunner().invoke(app, ["serve", "--model", str(model_dirs["llama"]), "--served-model-name", "tiny",
+                                      "--adapter", f"outcome={folders['a']}", "--merge", "--port", "8123", "--drain-seconds", "3"])
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 8123, "models": ["outcome"], "completion": 200, "admin": 403}
+    assert seen == {"host": "127.0.0.1", "port": 8123, "drain": 3.0, "models": ["outcome"], "completion": 200, "admin": 403}

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +26,7 @@ MODELS = ["tiny", "outcome", "challenge"]
 
 @pytest.fixture(scope="module")
 def url(model_dirs, tokenizer, tmp_path_factory):
+    """The base URL of a real uvicorn serving the tiny base and two adapters in this process."""
     root = tmp_path_factory.mktemp("root")
     folders = save_all(root, len(tokenizer))
     settings = ServeSettings(api_key=KEY, adapter_root=root, max_batch_size=8, max_wait_ms=5, max_concurrent=64)
@@ -183,3 +188,75 @@ def test_mixed_load_with_disconnects_keeps_memory_flat(url):
     assert httpx.get(f"{url}/health").json()["queued"] == 0
     counts = asyncio.run(mixed_load(url, 64, concurrency=64))  # == max_concurrent: a leaked slot would answer 429
     assert sum(counts.values()) == 64
+
+
+def test_an_abandoned_request_is_cancelled_and_does_not_hold_up_the_next(url):
+    """A client that times out on a long non-streaming request: its sequence leaves the batch within a step."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {"model": "outcome", "prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    before = httpx.get(f"{url}/health").json()
+    for _ in range(2):  # two abandoned 480-token requests, as in the issue
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=long, headers=headers, timeout=0.3)
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", json={**long, "max_tokens": 4}, headers=headers, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    for _ in range(100):  # bounded: 5 s
+        health = httpx.get(f"{url}/health").json()
+        if health["cancelled"] - before["cancelled"] == 2 and health["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["cancelled"] - before["cancelled"] == 2 and health["running"] == 0, health
+    steps = health["steps"] - before["steps"]
+    assert steps < 480, f"the abandoned requests kept decoding ({steps} steps for {time.monotonic() - started:.1f} s)"
+
+
+def test_sigterm_drains_then_exits_within_a_bounded_time(model_dirs, tmp_path):
+    """`peftkit serve` busy with long requests (one streaming, one not) exits soon after SIGTERM."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = (
+        "from peftkit.serve.server import run_server; from peftkit.serve import ServeSettings; "
+        f"run_server({str(model_dirs['llama'])!r}, {{}}, ServeSettings(drain_seconds=1, max_tokens_limit=500), port={port}, device='cpu')"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # bounded wait for startup (60 s)
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        name = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        assert name == model_dirs["llama"].name, "a local folder is served under its folder name"
+        body = {"model": name, "prompt": "We", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+        clients = [threading.Thread(target=_swallow, args=(f"{base}/v1/completions", {**body, "stream": stream}), daemon=True)
+                   for stream in (False, True)]
+        for client in clients:
+            client.start()
+        for _ in range(100):
+            if httpx.get(f"{base}/health", timeout=5).json()["running"] >= 1:
+                break
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        stopped = time.monotonic() - signalled
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    print(f"SIGTERM to exit: {stopped:.1f} s")
+    assert stopped < 10, f"{stopped:.1f} s from SIGTERM to exit (drain 1 s)"
+    assert server.returncode in (0, -signal.SIGTERM), server.stderr.read()[-2000:]  # uvicorn re-raises the signal
+
+
+def _swallow(url: str, body: dict) -> None:
+    """Send a request and ignore how it ends (the server is being stopped)."""
+    try:
+        httpx.post(url, json=body, timeout=60)
+    except httpx.HTTPError:
+        pass

@@ -16,9 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -28,8 +30,9 @@ from ..errors import PeftkitError
 from .engine import Engine
 from .errors import ApiError, install_error_handlers, parse_body, read_json
 from .openapi import openapi_document
-from .responses import EventStream, Kind, collect, sse_chunks, whole_response
-from .schemas import ChatRequest, CombineRequest, CompletionRequest, LoadAdapterRequest
+from .responses import EventStream, Kind, PromptChoices, collect, sse_chunks, whole_response
+from .sampling import SamplingParams
+from .schemas import ChatRequest, CombineRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest
 from .security import confined_adapter_dir, key_matches
 
 
@@ -49,6 +52,7 @@ def create_app(engine: Engine) -> FastAPI:
     app.state.in_flight = 0
     install_error_handlers(app)
     _add_public_routes(app, engine)
+    _add_tokenizer_routes(app, engine)
     _add_admin_routes(app, engine)
     document = openapi_document(app, engine.settings)
 
@@ -76,22 +80,33 @@ def require_admin(request: Request, engine: Engine) -> None:
 def _add_public_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": engine.model_names(), "queued": len(engine.queue), **engine.stats}
+        return {"status": "ok", "models": engine.model_names(), "queued": len(engine.queue), "running": len(engine.batch),
+                **engine.stats}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         require_key(request, engine)
         return {"object": "list", "data": [_model_card(engine, name) for name in engine.model_names()]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        require_key(request, engine)
+        engine.resolve(model_id)
+        return _model_card(engine, model_id)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         require_key(request, engine)
         body = parse_body(CompletionRequest, await read_json(request, engine.settings.max_body_bytes))
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompts()
         if len(prompts) > engine.settings.max_prompts_per_request:
             raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {engine.settings.max_prompts_per_request}", "prompt")
         adapter = engine.resolve(body.model)
-        return await _generate(app, engine, body, "completion", [lambda p=p: engine.encode_completion(adapter, p) for p in prompts])
+        for prompt in prompts:
+            if isinstance(prompt, list):
+                engine.check_prompt_ids(prompt)
+        encoders = [(_prompt_text(engine, p) if body.echo else "", _completion_encoder(engine, adapter, p)) for p in prompts]
+        return await _generate(app, engine, request, body, "completion", encoders, echo=body.echo)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -99,43 +114,94 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
         body = parse_body(ChatRequest, await read_json(request, engine.settings.max_body_bytes))
         adapter = engine.resolve(body.model)
         messages = [m.as_template_message() for m in body.messages]
-        return await _generate(app, engine, body, "chat", [lambda: engine.encode_chat(adapter, messages)])
+        return await _generate(app, engine, request, body, "chat", [("", lambda: engine.encode_chat(adapter, messages))])
 
 
-async def _generate(app: FastAPI, engine: Engine, body: Any, kind: Kind, encoders: list[Callable[[], list[int]]]) -> Any:
-    """Tokenize (off the event loop), queue, and answer whole or as a stream; holds concurrency slots."""
+def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
+    """What `echo` returns for a prompt: the text sent, or the decoded token ids."""
+    return prompt if isinstance(prompt, str) else engine.decode(prompt)
+
+
+def _completion_encoder(engine: Engine, adapter: str | None, prompt: str | list[int]) -> Callable[[], list[int]]:
+    """Text fills the served model's template; token ids are used as they are (as vLLM does)."""
+    if isinstance(prompt, list):
+        return lambda: list(prompt)
+    return lambda: engine.encode_completion(adapter, prompt)
+
+
+async def _generate(
+    app: FastAPI, engine: Engine, request: Request, body: Any, kind: Kind,
+    encoders: list[tuple[str, Callable[[], list[int]]]], echo: bool = False,
+) -> Any:
+    """Tokenize (off the event loop), queue every choice, answer whole or as a stream; holds concurrency slots.
+
+    A client that disconnects cancels its sequences: they leave the running batch at the next step.
+    """
     limits = engine.settings
     default = limits.default_max_tokens if kind == "completion" else limits.max_tokens_limit
-    params = body.sampling(default, limits.max_tokens_limit)
-    if app.state.in_flight + len(encoders) > limits.max_concurrent:
-        raise ApiError(429, f"the server is busy ({app.state.in_flight} requests in flight, limit {limits.max_concurrent}); retry later")
-    app.state.in_flight += len(encoders)  # reserved before the first await, so concurrent requests see it
+    params = body.sampling(default, limits.max_tokens_limit, engine.vocab_size)
+    if echo and params.logprobs is not None:
+        params.prompt_logprobs = params.logprobs
+    per_prompt = body.choices(limits.max_choices)
+    count = per_prompt * len(encoders)
+    if app.state.in_flight + count > limits.max_concurrent:
+        raise ApiError(429, f"the server is busy ({app.state.in_flight} sequences in flight, limit {limits.max_concurrent}); retry later")
+    app.state.in_flight += count  # reserved before the first await, so concurrent requests see it
     try:
-        seqs = [engine.sequence(body.model, await run_in_threadpool(_tokenize, encode), params) for encode in encoders]
+        prompts = []
+        for text, encode in encoders:
+            ids = await run_in_threadpool(_tokenize, encode)
+            prompts.append(PromptChoices(text, [engine.sequence(body.model, ids, _nth(params, j)) for j in range(per_prompt)]))
     except BaseException:
-        app.state.in_flight -= len(encoders)
+        app.state.in_flight -= count
         raise
+    seqs = [s for p in prompts for s in p.seqs]
     stream = EventStream(seqs)
     for seq in seqs:
         engine.submit(seq)
     if not body.stream:
         try:
-            answers = await collect(stream)
+            await _unless_disconnected(request, collect(stream))
         finally:
             stream.cancel()
-            app.state.in_flight -= len(seqs)
-        return whole_response(kind, body.model, seqs, answers)
+            app.state.in_flight -= count
+        return whole_response(kind, body.model, prompts, body.n, echo, engine.token_text)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def chunks() -> AsyncIterator[str]:
         try:
-            async for chunk in sse_chunks(kind, body.model, stream, include_usage):
+            async for chunk in sse_chunks(kind, body.model, stream, prompts, include_usage, engine.token_text):
                 yield chunk
         finally:
             stream.cancel()
-            app.state.in_flight -= len(seqs)
+            app.state.in_flight -= count
 
     return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _nth(params: SamplingParams, j: int) -> SamplingParams:
+    """The settings of a request's j-th choice: its own seed (seed + j), so seeded choices differ and repeat."""
+    return params if j == 0 or params.seed is None else replace(params, seed=(params.seed + j) % 2**63)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[None]) -> None:
+    """Await `work`, unless the client hangs up first (then the request is abandoned: 499, nobody reads it)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task not in done:
+        task.cancel()
+        raise ApiError(499, "the client closed the connection before the answer was ready")
+    task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body is already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _tokenize(encode: Callable[[], list[int]]) -> list[int]:
@@ -145,14 +211,54 @@ def _tokenize(encode: Callable[[], list[int]]) -> list[int]:
     except PeftkitError:
         raise
     except Exception as exc:
-        raise ApiError(400, f"the prompt could not be tokenized ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ApiError(400, f"the prompt could not be tokenized ({type(exc).__name__}: {str(exc)[:200]})", "prompt") from None
 
 
 def _model_card(engine: Engine, name: str) -> dict[str, Any]:
-    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "peftkit"}
+    """vLLM's model card: adapters name the base as `parent`; `root` is where the weights came from."""
+    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "peftkit",
+            "max_model_len": engine.context_length}
     if name in engine.adapters:
         card.update(parent=None if engine.merged else engine.base_name, root=engine.adapters[name].source)
+    else:
+        card.update(parent=None, root=engine.base_source)
     return card
+
+
+# -- tokenizer (vLLM's routes, which lm-evaluation-harness looks for) ---------------------------------
+def _add_tokenizer_routes(app: FastAPI, engine: Engine) -> None:
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        require_key(request, engine)
+        body = parse_body(TokenizeRequest, await read_json(request, engine.settings.max_body_bytes))
+        adapter = engine.resolve(body.model) if body.model else None
+        if body.messages is not None:
+            messages = [m.as_template_message() for m in body.messages]
+            ids = await run_in_threadpool(_tokenize, lambda: engine.encode_chat(adapter, messages))
+        else:
+            text = body.prompt or ""
+            ids = await run_in_threadpool(_tokenize, lambda: engine.tokenize(text, body.add_special_tokens))
+        strs = [engine.token_text(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.context_length, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        require_key(request, engine)
+        body = parse_body(DetokenizeRequest, await read_json(request, engine.settings.max_body_bytes))
+        if body.model:
+            engine.resolve(body.model)
+        outside = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
+        if outside is not None:
+            raise ApiError(400, f"token id {outside} is outside the vocabulary (0 to {engine.vocab_size - 1})", "tokens")
+        return {"prompt": engine.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        require_key(request, engine)
+        tok = engine.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": engine.context_length}
 
 
 # -- admin -------------------------------------------------------------------------------------------

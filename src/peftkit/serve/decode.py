@@ -240,8 +240,8 @@ class RunningBatch:
 
     # -- stepping --------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> None:
-        """One forward pass for every row: each takes its next token; finished rows leave."""
+    def step(self) -> list[Sequence]:
+        """One forward pass for every row: each takes its next token; returns the rows that left (finished or cancelled)."""
         self._route([s.adapter for s in self.seqs])
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.seqs), 1)], dim=1)
         out = self.model(
@@ -251,7 +251,7 @@ class RunningBatch:
         self.cache = out.past_key_values
         self.positions = self.positions + 1
         self.next_tokens = self._pick(out.logits[:, -1, :], self.seqs)
-        self.retire()
+        return self.retire()
 
     def _pick(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         """(B, V) raw logits -> (B,) next tokens, each row processed and sampled with its own settings; pushes them."""
@@ -274,14 +274,15 @@ class RunningBatch:
             seq.push(token, token_logprob(logprobs[row], token, params.logprobs or 0), self.decode, self.eos_ids)
         return chosen
 
-    def retire(self) -> None:
-        """Drop finished and cancelled rows, and the leading cache columns only padding still fills."""
+    def retire(self) -> list[Sequence]:
+        """Drop finished and cancelled rows (returned), and the leading cache columns only padding still fills."""
         keep = [i for i, s in enumerate(self.seqs) if not s.done and not s.cancelled.is_set()]
-        if len(keep) == len(self.seqs):
-            return
+        left = [s for i, s in enumerate(self.seqs) if i not in keep]
+        if not left:
+            return left
         if not keep:
             self.clear()
-            return
+            return left
         index = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask, self.positions, self.next_tokens = self.mask[index], self.positions[index], self.next_tokens[index.cpu()]
@@ -291,6 +292,7 @@ class RunningBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
             self.mask = self.mask[:, start:]
+        return left
 
     def clear(self) -> None:
         """Forget every row (and stop routing, so the model answers plain forwards again)."""

@@ -28,7 +28,7 @@ from ..combine import Combination, combine_adapters
 from ..data.templates import PromptFormat
 from ..errors import AdapterError, ModelError, PeftkitError
 from ..inference import saved_format
-from ..models import is_seq2seq, load_model, resolve_device
+from ..models import BUILTIN_MODELS, is_seq2seq, load_model, resolve_device
 from ..precision import resolve_dtype
 from .batching import Scheduler
 from .decode import RunningBatch, Sequence
@@ -70,6 +70,8 @@ class Engine:
         self.settings = settings or ServeSettings()
         self.tokenizer = tokenizer
         self.base_name = base_name
+        self.base_source = base_name
+        """Where the base came from (built-in name, folder or Hub id), shown as `root` on /v1/models."""
         self.merged: str | None = None
         self.adapted: AdaptedModel | None = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
         self.model: nn.Module = self.adapted
@@ -80,13 +82,14 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
-        self.stats = {"prefills": 0, "steps": 0, "sequences": 0, "largest_batch": 0, "mixed_steps": 0}
-        """Counters shown on /health: prefill passes, decode steps, sequences, the most rows in a step, steps mixing adapters."""
+        self.stats = {"prefills": 0, "steps": 0, "sequences": 0, "largest_batch": 0, "mixed_steps": 0, "cancelled": 0}
+        """Counters shown on /health: prefill passes, decode steps, sequences, the most rows in a step, steps mixing
+        adapters, sequences stopped early because their client left."""
         self._model_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self.batch = RunningBatch(self.model, tokenizer.pad_token_id, self.eos_ids, self.decode, None)
+        self.batch = self._new_batch(None)
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -99,7 +102,8 @@ class Engine:
             raise AdapterError(f"--merge serves exactly one adapter, {len(adapters)} given")
         dev = resolve_device(device)
         base, tokenizer = load_model(model, dtype=resolve_dtype(precision, dev), device=dev)
-        engine = cls(base, tokenizer, base_name or model, settings)
+        engine = cls(base, tokenizer, base_name or served_name(model), settings)
+        engine.base_source = model
         for name, path in adapters.items():
             engine.load_adapter(name, Path(path))
         if merge:
@@ -203,6 +207,16 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (log-prob entries name every token)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode([token])
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids for raw text (no template), as vLLM's /tokenize gives them."""
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; its events arrive through `seq.on_event` from the decode thread."""
         if self._worker is None:
@@ -249,17 +263,18 @@ class Engine:
                                           self._fits, timeout if not batch.seqs else 0.0)
         with self._model_lock:
             try:
-                self._retire_unservable()
+                self._count_left(self._retire_unservable())
                 joining = [s for s in joining if self._servable(s)]
                 if joining:
                     self._start_group(group)
                     self._count_join(joining)
+                batch = self.batch
                 with self._adapter_mode(batch.group):
                     if joining:
                         batch.join(joining)
                     if batch.seqs:
                         self._count_step(batch.seqs)
-                        batch.step()
+                        self._count_left(batch.step())
             except Exception as exc:  # a bug or an out-of-memory: report it to these requests and keep serving
                 log.exception("decoding a batch of %d failed", len(batch) + len(joining))
                 for seq in batch.seqs + joining:
@@ -268,26 +283,31 @@ class Engine:
                 batch.clear()
 
     def run_batch(self, seqs: list[Sequence]) -> None:
-        """Decode these sequences together to their end, in the calling thread (tests and benchmarks)."""
+        """Decode these sequences together to their end, in the calling thread, in a batch of their own (tests, benchmarks)."""
         live = [s for s in seqs if self._servable(s)]
         if not live:
             return
         with self._model_lock:
-            self._start_group(self.batch_group(live[0]))
+            group = self.batch_group(live[0])
+            batch = self._new_batch(group)
             self._count_join(live)
-            with self._adapter_mode(self.batch.group):
-                self.batch.join(live)
-                while self.batch.seqs:
-                    self._count_step(self.batch.seqs)
-                    self.batch.step()
-            self.batch.clear()
+            with self._adapter_mode(group):
+                batch.join(live)
+                while batch.seqs:
+                    self._count_step(batch.seqs)
+                    batch.step()
+
+    def _new_batch(self, group: Any) -> RunningBatch:
+        """An empty batch for `group`: routed per row for the mixed group, one active adapter otherwise."""
+        batch = RunningBatch(self.model, self.tokenizer.pad_token_id, self.eos_ids, self.decode,
+                             self.routing if group == MIXED else None)
+        batch.group = group
+        return batch
 
     def _start_group(self, group: Any) -> None:
-        """The batch serves `group`: routed per row for the mixed group, one active adapter otherwise."""
-        if self.batch.seqs:
-            return
-        self.batch.model, self.batch.group = self.model, group
-        self.batch.routing = self.routing if group == MIXED else None
+        """An empty running batch starts serving `group`."""
+        if not self.batch.seqs:
+            self.batch = self._new_batch(group)
 
     def _servable(self, seq: Sequence) -> bool:
         """False (and the sequence failed) when its adapter was unloaded after it was queued."""
@@ -296,11 +316,15 @@ class Engine:
             return False
         return not seq.cancelled.is_set()
 
-    def _retire_unservable(self) -> None:
+    def _retire_unservable(self) -> list[Sequence]:
+        """Rows whose client left, or whose adapter was unloaded, leave before the next step."""
         for seq in self.batch.seqs:
             if not seq.done and seq.adapter is not None and seq.adapter not in self.adapters:
                 self._servable(seq)
-        self.batch.retire()
+        return self.batch.retire()
+
+    def _count_left(self, left: list[Sequence]) -> None:
+        self.stats["cancelled"] += sum(1 for s in left if s.cancelled.is_set() and s.finish_reason in (None, "cancelled"))
 
     def _fits(self, extra: Seq[Sequence]) -> bool:
         return self.batch.footprint(extra) <= self.settings.kv_cache_tokens
@@ -326,15 +350,19 @@ class Engine:
         finally:
             self.adapted.set_adapter(None)
 
-    def sequence(self, model: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """A sequence for `model` (a served name), checked against the prompt and token limits."""
-        adapter = self.resolve(model)
-        limits = self.settings
+    def check_prompt_ids(self, prompt_ids: Seq[int]) -> None:
+        """A prompt must hold at least one token, each inside the vocabulary."""
         if not prompt_ids:
             raise PeftkitError("the prompt is empty (0 tokens); send at least one token")
         outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if outside is not None:
             raise PeftkitError(f"token id {outside} in the prompt is outside the vocabulary (0 to {self.vocab_size - 1})")
+
+    def sequence(self, model: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A sequence for `model` (a served name), checked against the prompt and token limits."""
+        adapter = self.resolve(model)
+        limits = self.settings
+        self.check_prompt_ids(prompt_ids)
         if len(prompt_ids) > limits.max_prompt_tokens:
             raise PeftkitError(f"the prompt is {len(prompt_ids)} tokens, the limit is {limits.max_prompt_tokens}; shorten it")
         if len(prompt_ids) + params.max_tokens > self.context_length:
@@ -347,6 +375,14 @@ class Engine:
                 f"budget of {limits.kv_cache_tokens} tokens (--kv-cache-tokens); lower max_tokens or shorten the prompt"
             )
         return Sequence(prompt_ids=prompt_ids, adapter=adapter, params=params)
+
+
+def served_name(model: str) -> str:
+    """The name requests use for a base: a built-in's own name, a local folder's name, or the Hub id."""
+    if model in BUILTIN_MODELS:
+        return model
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

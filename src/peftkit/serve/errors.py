@@ -96,6 +96,8 @@ def parse_body(model: type[M], data: Any) -> M:
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
         return model.model_validate(data)
+    except ApiError:  # a schema's own refusal, naming its field
+        raise
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()[:10]]
         first = exc.errors()[0]["loc"] if exc.errors() else ()

@@ -19,7 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from .. import __version__
-from .schemas import ChatRequest, CombineRequest, CompletionRequest, LoadAdapterRequest
+from .schemas import ChatRequest, CombineRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest
 from .settings import ServeSettings
 
 REF = "#/components/schemas/{model}"
@@ -47,6 +47,11 @@ def _generation_response(obj: str, choice_key: str, choice_schema: dict[str, Any
     }
 
 
+TOKENIZED = {"type": "object", "required": ["count", "max_model_len", "tokens"],
+             "properties": {"count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                            "tokens": {"type": "array", "items": {"type": "integer"}}}}
+DETOKENIZED = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
+TOKENIZER_INFO = {"type": "object", "required": ["eos_token"], "properties": {"eos_token": {"type": ["string", "null"]}}}
 COMPLETION = _generation_response("text_completion", "text", {"type": "string"})
 CHAT = _generation_response("chat.completion", "message", {
     "type": "object", "required": ["role", "content"], "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}})
@@ -65,8 +70,12 @@ ADMIN_ERRORS = (400, 401, 403, 404, 409, 413, 415)
 ENDPOINTS: dict[str, dict[str, tuple[type[BaseModel] | None, int, dict[str, Any], bool, tuple[int, ...]]]] = {
     "/health": {"get": (None, 200, HEALTH, False, ())},
     "/v1/models": {"get": (None, 200, MODEL_LIST, False, (401,))},
+    "/v1/models/{model_id}": {"get": (None, 200, MODEL_CARD, False, (401, 404))},
     "/v1/completions": {"post": (CompletionRequest, 200, COMPLETION, True, GENERATION_ERRORS)},
     "/v1/chat/completions": {"post": (ChatRequest, 200, CHAT, True, GENERATION_ERRORS)},
+    "/tokenize": {"post": (TokenizeRequest, 200, TOKENIZED, False, (400, 401, 404, 413, 415))},
+    "/detokenize": {"post": (DetokenizeRequest, 200, DETOKENIZED, False, (400, 401, 404, 413, 415))},
+    "/tokenizer_info": {"get": (None, 200, TOKENIZER_INFO, False, (401,))},
     "/admin/adapters": {"post": (LoadAdapterRequest, 201, MODEL_CARD, False, ADMIN_ERRORS)},
     "/admin/adapters/combine": {"post": (CombineRequest, 201, MODEL_CARD, False, ADMIN_ERRORS)},
     "/admin/adapters/{name}": {"delete": (None, 200, DELETED, False, (401, 403, 404, 409))},

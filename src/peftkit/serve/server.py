@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from ..adapters import read_adapter_config
+from ..adapters import read_adapter_config, read_sidecar
 from ..errors import AdapterError, ConfigError
+from ..models import BUILTIN_MODELS
 from .app import create_app
 from .engine import Engine
 from .settings import ServeSettings
@@ -36,10 +37,15 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def base_of(adapters: dict[str, Path]) -> str:
-    """The base model recorded by the first adapter (what `--model` defaults to)."""
+    """The base model recorded by the first adapter (what `--model` defaults to): its built-in name when
+    peftkit trained it on one (so it is served as "smollm2-135m", not as a cache path), else the recorded path."""
     if not adapters:
         raise ConfigError("give --model NAME, or at least one --adapter NAME=PATH whose base is recorded")
-    _, raw = read_adapter_config(next(iter(adapters.values())))
+    first = next(iter(adapters.values()))
+    origin = read_sidecar(first).get("base_model")
+    if isinstance(origin, dict) and origin.get("builtin") in BUILTIN_MODELS:
+        return str(origin["builtin"])
+    _, raw = read_adapter_config(first)
     if not raw.get("base_model_name_or_path"):
         raise AdapterError("the first adapter records no base model; pass --model")
     return str(raw["base_model_name_or_path"])
@@ -66,4 +72,4 @@ def run_server(
     model = model or base_of(adapters)
     engine = Engine.from_paths(model, adapters, settings, merge=merge, device=device, precision=precision, base_name=base_name)
     log.info("serving %s on http://%s:%d/v1", ", ".join(engine.model_names()), host, port)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="info", timeout_graceful_shutdown=settings.drain_seconds)

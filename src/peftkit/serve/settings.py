@@ -34,6 +34,8 @@ class ServeSettings:
     """Longest list of prompts in one completion request."""
     max_adapters: int = 32
     """Most adapters loaded at once (admin loads beyond it are refused)."""
+    drain_seconds: float = 10.0
+    """On SIGTERM: how long requests in flight may finish before they are cancelled and the process exits."""
     api_key: str | None = None
     """Bearer key for /v1/* when set; the admin endpoints always need it (disabled without one)."""
     adapter_root: Path | None = None
@@ -46,6 +48,8 @@ class ServeSettings:
                 raise ValueError(f"{name} must be at least 1")
         if self.batching not in ("continuous", "static"):
             raise ValueError(f"batching must be continuous or static, not {self.batching!r}")
+        if self.drain_seconds < 0:
+            raise ValueError("drain_seconds must be >= 0")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         if self.api_key is not None and not self.api_key.strip():
