@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import pytest
 from conftest import SUBPROCESS_THREADS
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -118,8 +119,8 @@ def shoot(driver, name: str, folder: Path) -> Path:
     assert png_size(path) == (1200, 900) or png_size(path)[0] >= 800, f"{path}: not a page-sized screenshot"
     assert path.stat().st_size > 15_000, f"{path}: looks blank"
     target = os.environ.get("PEFTKIT_UI_SCREENSHOTS")
-    if target:
-        shutil.copy(path, Path(target) / path.name)
+    if target:  # the README's pictures: 64 colours keep each under ~60 KB
+        Image.open(path).convert("RGB").quantize(colors=64).save(Path(target) / path.name, optimize=True)
     return path
 
 

@@ -73,17 +73,61 @@ class UiSettings:
 
 
 # -- child processes for model-side answers ----------------------------------------------------------
-def run_worker(what: str, payload: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """`python -m peftkit.ui.worker WHAT` with `payload` on stdin; its JSON answer."""
+def start_worker(what: str, cwd: Path) -> subprocess.Popen:
+    """`python -m peftkit.ui.worker WHAT`, reading its JSON input from a pipe."""
+    return subprocess.Popen([sys.executable, "-m", "peftkit.ui.worker", what], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def worker_answer(child: subprocess.Popen, what: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The worker's JSON answer to `payload`; None when it was stopped by a signal (a newer request replaced it)."""
     try:
-        done = subprocess.run([sys.executable, "-m", "peftkit.ui.worker", what], input=json.dumps(payload), text=True,
-                              capture_output=True, cwd=cwd, timeout=WORKER_TIMEOUT_S)
+        out, err = child.communicate(json.dumps(payload), timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        child.kill()
         raise UiError(f"{what} took longer than {WORKER_TIMEOUT_S} s; try again when the machine is less busy", status=504) from None
-    if done.returncode != 0:
-        log.error("peftkit.ui.worker %s failed:\n%s", what, done.stderr)
+    if child.returncode < 0:
+        return None
+    if child.returncode != 0:
+        log.error("peftkit.ui.worker %s failed:\n%s", what, err)
         raise UiError(f"{what} failed unexpectedly (details in the UI's log)", status=500)
-    return json.loads(done.stdout)
+    return json.loads(out)
+
+
+def run_worker(what: str, payload: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    answer = worker_answer(start_worker(what, cwd), what, payload)
+    if answer is None:
+        raise UiError(f"{what} was interrupted; try again", status=503)
+    return answer
+
+
+class Estimator:
+    """`peftkit estimate` for the latest settings only: a newer request stops the child still estimating older
+    ones (on a shared CPU, stale estimates would slow the current one down). Answers are cached."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.lock = threading.Lock()
+        self.current: subprocess.Popen | None = None
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def estimate(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """The worker's answer, or None when a newer request replaced this one."""
+        key = json.dumps(raw, sort_keys=True)
+        if key in self.cache:
+            return self.cache[key]
+        with self.lock:
+            if self.current is not None and self.current.poll() is None:
+                self.current.terminate()
+            child = self.current = start_worker("estimate", self.cwd)
+        answer = worker_answer(child, "estimate", raw)
+        if answer is not None:
+            self.cache[key] = answer
+        return answer
+
+    def close(self) -> None:
+        if self.current is not None and self.current.poll() is None:
+            self.current.kill()
 
 
 class Catalog:
@@ -108,7 +152,7 @@ def create_app(settings: UiSettings) -> FastAPI:
     jobs = Jobs(roots)
     playground = Playground(roots)
     catalog = Catalog(roots.project)
-    estimates: dict[str, dict[str, Any]] = {}
+    estimator = Estimator(roots.project)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +161,7 @@ def create_app(settings: UiSettings) -> FastAPI:
             yield
         finally:
             playground.close()  # runs keep going: they are not the UI's to stop
+        estimator.close()
 
     app = FastAPI(title="peftkit ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_guards(app, settings)
@@ -194,10 +239,9 @@ def create_app(settings: UiSettings) -> FastAPI:
         except PeftkitError as exc:
             return {"ok": False, "error": str(exc)}
         raw.pop("output_dir", None)
-        key = json.dumps(raw, sort_keys=True)
-        if key not in estimates:
-            estimates[key] = await run_in_threadpool(run_worker, "estimate", raw, roots.project)
-        answer = estimates[key]
+        answer = await run_in_threadpool(estimator.estimate, raw)
+        if answer is None:
+            return {"ok": False, "superseded": True, "error": "replaced by a newer estimate"}
         return {"ok": False, "error": answer["error"]} if "error" in answer else {"ok": True, "estimate": answer}
 
     @app.post("/api/runs")

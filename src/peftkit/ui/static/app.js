@@ -133,7 +133,7 @@ const estimate = debounce(async () => {
   const seq = ++estimateSeq;
   $("#estimate").textContent = "estimating… (a child process loads the model's shapes)";
   const answer = await api("/api/estimate", { values: formValues() }).catch((e) => ({ ok: false, error: e.message }));
-  if (seq !== estimateSeq) return;  // a newer estimate is on its way
+  if (seq !== estimateSeq || answer.superseded) return;  // a newer estimate is on its way
   if (!answer.ok) { $("#estimate").textContent = answer.error; return; }
   const est = answer.estimate, gib = (b) => (b / 2 ** 30).toFixed(2);
   const rows = est.rows.map(([label, bytes]) => el("tr", {}, el("td", { text: label }), el("td", { text: `${gib(bytes)} GiB` })));
@@ -276,6 +276,7 @@ function drawAdapters() {
   const runs = playground.adapters.filter((a) => a.base === $("#pg-base").value);
   $("#pg-adapters").replaceChildren(el("legend", { text: "adapters" }), ...runs.map((a) => el("label", {},
     el("input", { type: "checkbox", value: a.run, name: "pg-adapter" }), ` ${a.run} (${a.method}) `)));
+  $("#pg-adapters").onchange = (event) => { if (event.target.checked) loadExamples(event.target.value); };
 }
 
 async function loadModels() {
@@ -287,7 +288,6 @@ async function loadModels() {
     served = await api("/api/playground/load", { base: $("#pg-base").value, runs });
     $("#pg-state").textContent = `ready: base + ${runs.length} adapter(s)`;
     $("#pg-answers").replaceChildren(...columns().map(([title]) => el("div", { class: "answer" }, el("h3", { text: title }), el("div", { class: "text" }))));
-    if (runs.length) loadExamples(runs[0]);
   } catch (e) {
     $("#pg-state").textContent = "";
     $("#pg-error").textContent = e.message;
