@@ -148,5 +148,6 @@ def test_quantized_base_adds_its_dequantized_copies_to_the_slack(model_dir):
     lora = estimate_memory(run_config(model_dir, "lora"), [SHAPE])
     qlora = estimate_memory(run_config(model_dir, "qlora"), [SHAPE])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    body = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    body = sum(m.weight.numel() for n, m in model.named_modules()  # the layers 4-bit blocks fit (widths of 64s)
+               if isinstance(m, torch.nn.Linear) and n != "lm_head" and m.in_features % 64 == 0)
     assert qlora.allocator - lora.allocator == pytest.approx(4 * body, abs=2)  # bitsandbytes dequantizes to fp32

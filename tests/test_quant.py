@@ -157,3 +157,26 @@ def test_paged_optimizers_fall_back_off_cuda_with_a_note(name, expected, caplog)
         optimizer = build_optimizer([nn.Parameter(torch.randn(8))], TrainConfig(optimizer=name), torch.device("cpu"))
     assert type(optimizer).__name__ == expected
     assert "pages its states through CUDA" in caplog.text
+
+
+def test_layers_whose_width_misses_the_4bit_block_stay_in_full_precision(caplog):
+    """A Qwen2 with hidden 96: q/k/v/o and up/gate read 96 features (not a multiple of 64) and stay float,
+    named in a warning; down_proj reads 192 (3 blocks) and is quantized; forward and backward run."""
+    from transformers import Qwen2Config
+
+    from peftkit.methods.quant import BLOCK_SIZE, is_quantized
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=400, hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False))
+    with caplog.at_level("WARNING", logger="peftkit.methods.quant"):
+        quantize_base(model, QuantConfig(bits=4))
+    kept = [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_quantized(m) and p != "lm_head"]
+    assert kept and all(model.get_submodule(p).in_features % BLOCK_SIZE for p in kept)
+    assert is_quantized(model.model.layers[0].mlp.down_proj)  # reads 192 = 3 blocks
+    assert all(p in caplog.text for p in kept)
+    adapted = attach(model, LoraConfig(r=2, target_modules="all-linear"))
+    adapted(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    with torch.no_grad():
+        adapted(input_ids=torch.tensor([[5]]))  # one token: bitsandbytes' single-row path

@@ -129,8 +129,14 @@ def _quant_state_bytes(state: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def quantizable_paths(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Linear / Conv1D layers to quantize: all but the output head, fp32-pinned modules and `skip_modules`."""
+BLOCK_SIZE = 64
+"""bitsandbytes' 4-bit block along a weight row: its kernels read each row's scales as in_features / 64
+blocks, so a layer whose input width is not a multiple of 64 fails there (`shape '[96, 1]' is invalid for
+input of size 144`); such layers stay in full precision."""
+
+
+def candidate_paths(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Linear / Conv1D layers QLoRA would quantize: all but the output head, fp32-pinned modules and `skip_modules`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(config.skip_modules)
     wrappers = [path for path, module in model.named_modules() if isinstance(module, AdapterLayerMixin)]
@@ -143,6 +149,17 @@ def quantizable_paths(model: nn.Module, config: QuantConfig) -> list[str]:
         if isinstance(module, (nn.Linear, Conv1D)) and module is not head and not is_quantized(module)
         and not (keep and is_match(path, keep)) and not is_adapter_part(path)
     ]
+
+
+def fits_blocks(layer: nn.Module, config: QuantConfig) -> bool:
+    """Can bitsandbytes store this layer? 8-bit: always; 4-bit: when its input width is a multiple of BLOCK_SIZE."""
+    in_features = layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.in_features
+    return config.bits != 4 or in_features % BLOCK_SIZE == 0
+
+
+def quantizable_paths(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The candidate layers bitsandbytes can store (see `fits_blocks`)."""
+    return [p for p in candidate_paths(model, config) if fits_blocks(model.get_submodule(p), config)]
 
 
 def quantized_linear(layer: nn.Module, config: QuantConfig, dtype: torch.dtype) -> nn.Module:
@@ -176,8 +193,13 @@ def quantize_base(model: nn.Module, config: QuantConfig, device: torch.device | 
     dtype = compute_dtype(config, torch.device(device))
     before = weight_bytes(model)
     paths = quantizable_paths(model, config)
+    unfit = [p for p in candidate_paths(model, config) if p not in paths]
     if not paths:
-        raise ConfigError("quant: no linear layer to quantize in this model")
+        raise ConfigError("quant: no linear layer of this model can be quantized (4-bit needs input widths that are "
+                          f"multiples of {BLOCK_SIZE}); use quant.bits: 8 or method: lora")
+    if unfit:
+        log.warning("%d linear layer(s) stay in full precision: their input width is not a multiple of the 4-bit "
+                    "block size %d: %s", len(unfit), BLOCK_SIZE, ", ".join(unfit))
     for path in paths:
         replace_module(model, path, quantized_linear(model.get_submodule(path), config, dtype))
     report = QuantReport(len(paths), before, weight_bytes(model))
