@@ -71,3 +71,11 @@ def test_full_fine_tune_folder_is_described(model_dirs, tmp_path, data_file):
 def test_a_folder_that_is_neither_says_so(tmp_path):
     with pytest.raises(AdapterError, match="neither an adapter folder"):
         artifact_kind(tmp_path)
+
+
+def test_serve_loads_the_adapter_onto_a_resized_base(trained, model_dirs):
+    from peftkit.serve.engine import Engine
+
+    engine = Engine.from_paths(str(model_dirs["llama"]), {"added": trained}, device="cpu")
+    assert TOKEN in engine.tokenizer.get_vocab()
+    assert engine.adapted.model.get_input_embeddings().weight.shape[0] == len(engine.tokenizer) == 401

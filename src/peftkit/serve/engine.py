@@ -24,12 +24,12 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 from torch import nn
 
 from ..adapters import AdaptedModel
+from ..artifacts import load_artifact, resize_for_adapter
 from ..combine import Combination, combine_adapters
 from ..data.templates import PromptFormat
 from ..errors import AdapterError, ModelError, PeftkitError
 from ..inference import saved_format
-from ..models import BUILTIN_MODELS, is_seq2seq, load_model, resolve_device
-from ..precision import resolve_dtype
+from ..models import BUILTIN_MODELS, is_seq2seq
 from .batching import Scheduler
 from .decode import RunningBatch, Sequence
 from .sampling import SamplingParams
@@ -100,9 +100,8 @@ class Engine:
         """Load `model` and the named adapter folders (operator-given, so not confined to the adapter root)."""
         if merge and len(adapters) != 1:
             raise AdapterError(f"--merge serves exactly one adapter, {len(adapters)} given")
-        dev = resolve_device(device)
-        base, tokenizer = load_model(model, dtype=resolve_dtype(precision, dev), device=dev)
-        engine = cls(base, tokenizer, base_name or served_name(model), settings)
+        base = load_artifact(None, model, device=device, precision=precision)
+        engine = cls(base.model, base.tokenizer, base_name or served_name(model), settings)
         engine.base_source = model
         for name, path in adapters.items():
             engine.load_adapter(name, Path(path))
@@ -144,6 +143,7 @@ class Engine:
         check_adapter_files(folder)
         with self._model_lock:
             self._check_new_name(name)
+            self.tokenizer = resize_for_adapter(adapted.model, self.tokenizer, folder)  # added tokens: grow the base
             meta = adapted.load_adapter(folder, name=name)  # checks keys, shapes and finiteness
             adapted.set_adapter(None)
             served = self._register(name, saved_format(meta), str(folder))
