@@ -124,6 +124,11 @@ def shoot(driver, name: str, folder: Path) -> Path:
     return path
 
 
+def go(driver, page: str) -> None:
+    """Another page of the same document (a hash change: the form keeps what was typed)."""
+    driver.execute_script("location.hash = arguments[0]", page)
+
+
 def status(driver) -> str:
     return driver.find_element(By.ID, "run-status").text
 
@@ -157,10 +162,7 @@ def test_new_run_live_curve_stop_resume_playground_and_report(ui, browser, tmp_p
     assert not browser.find_element(By.ID, "launch").is_enabled()
     fill(browser, "f-lora-r", "4")
     wait_for("the YAML", lambda: "r: 4" in browser.find_element(By.ID, "yaml").text and "max_steps" in browser.find_element(By.ID, "yaml").text, 30)
-    estimate = wait_for("the memory estimate", lambda: browser.find_elements(By.ID, "estimate-table"), 240)[0]
-    assert "trainable parameters" in estimate.text and "total" in estimate.text
-    shoot(browser, "new-run", shots)
-    browser.find_element(By.ID, "launch").click()
+    browser.find_element(By.ID, "launch").click()  # the memory estimate arrives meanwhile (checked at the end)
 
     # -- the run page: live curve, stop (SIGINT: checkpoint), resume, finish
     wait_for("the run page", lambda: browser.current_url.endswith("#run/tiny-lora"), 30)
@@ -180,7 +182,7 @@ def test_new_run_live_curve_stop_resume_playground_and_report(ui, browser, tmp_p
     shoot(browser, "run", shots)
 
     # -- the playground: base and adapter side by side, both streamed
-    browser.get(url + "/#playground")
+    go(browser, "playground")
     wait_for("the adapter choice", lambda: browser.find_elements(By.CSS_SELECTOR, "[name=pg-adapter][value=tiny-lora]"), 30)[0].click()
     browser.find_element(By.ID, "pg-load").click()
     wait_for("the model server", lambda: browser.find_element(By.ID, "pg-state").text.startswith("ready")
@@ -200,9 +202,9 @@ def test_new_run_live_curve_stop_resume_playground_and_report(ui, browser, tmp_p
 
     # -- the evaluation started above: its report, browsable from the run and the Reports page
     wait_for("the evaluation report", lambda: (runs / "tiny-lora" / "eval" / "report.html").is_file(), 240)
-    browser.get(url + "/#run/tiny-lora")
+    go(browser, "run/tiny-lora")
     wait_for("the report in the run page", lambda: browser.find_element(By.ID, "run-report").is_displayed(), 30)
-    browser.get(url + "/#reports")
+    go(browser, "reports")
     link = wait_for("the report link", lambda: browser.find_elements(By.CSS_SELECTOR, "[data-report='eval/report.html']"), 30)[0]
     link.click()
     wait_for("the report frame", lambda: browser.find_element(By.ID, "report-view").is_displayed(), 30)
@@ -210,7 +212,14 @@ def test_new_run_live_curve_stop_resume_playground_and_report(ui, browser, tmp_p
     assert "base" in browser.find_element(By.TAG_NAME, "body").text
     browser.switch_to.default_content()
     shoot(browser, "reports", shots)
-    browser.get(url + "/#runs")
+    go(browser, "runs")
     row = wait_for("the runs table", lambda: browser.find_elements(By.CSS_SELECTOR, "tr[data-run=tiny-lora]"), 30)[0]
     assert "finished" in row.text and "lora" in row.text and f"{STEPS} / {STEPS}" in row.text
     shoot(browser, "runs", shots)
+
+    # -- back to the form, as filled: its live memory estimate for these settings
+    go(browser, "new")
+    estimate = wait_for("the memory estimate", lambda: browser.find_elements(By.ID, "estimate-table"), 240)[0]
+    assert "trainable parameters" in estimate.text and "total" in estimate.text
+    assert browser.find_element(By.ID, "f-model").get_attribute("value") == "models/tiny"
+    shoot(browser, "new-run", shots)
