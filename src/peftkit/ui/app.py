@@ -146,26 +146,45 @@ class Catalog:
 
 
 # -- the app -------------------------------------------------------------------------------------------
+@dataclass
+class UiState:
+    """What the routes share: where runs live, their jobs, the model server, the workers' answers."""
+
+    settings: UiSettings
+    jobs: Jobs
+    playground: Playground
+    catalog: Catalog
+    estimator: Estimator
+
+    @property
+    def roots(self) -> Roots:
+        return self.settings.roots
+
+
 def create_app(settings: UiSettings) -> FastAPI:
     """The UI app for `settings` (runs folder, project, access)."""
     roots = settings.roots
-    jobs = Jobs(roots)
-    playground = Playground(roots)
-    catalog = Catalog(roots.project)
-    estimator = Estimator(roots.project)
+    state = UiState(settings, Jobs(roots), Playground(roots), Catalog(roots.project), Estimator(roots.project))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        catalog.thread.start()
+        state.catalog.thread.start()
         try:
             yield
-        finally:
-            playground.close()  # runs keep going: they are not the UI's to stop
-        estimator.close()
+        finally:  # runs keep going: they are not the UI's to stop
+            state.playground.close()
+            state.estimator.close()
 
     app = FastAPI(title="peftkit ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_guards(app, settings)
+    _add_page_routes(app, settings)
+    _add_form_routes(app, state)
+    _add_run_routes(app, state)
+    _add_playground_routes(app, state)
+    return app
 
+
+def _add_page_routes(app: FastAPI, settings: UiSettings) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"), headers=_page_headers())
@@ -189,93 +208,101 @@ def create_app(settings: UiSettings) -> FastAPI:
         response.set_cookie(COOKIE, settings.api_key, httponly=True, samesite="strict")
         return response
 
-    # -- new run
+
+def checked_config(body: dict[str, Any], roots: Roots, name_needed: bool) -> tuple[dict[str, Any], str | None]:
+    """The config dict of a form, validated like the CLI's and with its paths confined, and the run name."""
+    values = body.get("values")
+    if not isinstance(values, dict):
+        raise UiError("the request needs `values`: an object of config keys")
+    raw = form_to_raw(values)
+    name = body.get("name")
+    if name_needed or name:
+        raw["output_dir"] = str(roots.run_dir(name))
+    config_from_dict(raw, source="form")
+    problems = path_problems(raw, roots)
+    if problems:
+        raise UiError("form: " + "; ".join(problems))
+    return raw, name
+
+
+def _add_form_routes(app: FastAPI, state: UiState) -> None:
+    roots = state.roots
+
     @app.get("/api/form")
     async def form() -> dict[str, Any]:
         sections = []
         for section in form_sections():
             owner = section_owner(section.name)
             sections.append({**asdict(section), "owner": owner and {"by": owner[0], "values": list(owner[1])}})
-        return {"sections": sections, "catalog": catalog.answer, "data_files": await run_in_threadpool(data_files, roots),
+        runs = await run_in_threadpool(list_runs, roots, state.jobs)
+        return {"sections": sections, "catalog": state.catalog.answer, "data_files": await run_in_threadpool(data_files, roots),
                 "model_folders": await run_in_threadpool(model_folders, roots),
-                "adapters": [f"{roots.runs / r['name'] / 'adapter'}" for r in list_runs(roots, jobs) if r["adapter"]],
-                "runs_dir": str(roots.runs)}
+                "adapters": [str(roots.runs / r["name"] / "adapter") for r in runs if r["adapter"]], "runs_dir": str(roots.runs)}
 
     @app.get("/api/catalog")
-    async def catalog_answer() -> dict[str, Any]:
-        return {"catalog": catalog.answer}
-
-    def checked(body: dict[str, Any], name_needed: bool) -> tuple[dict[str, Any], str | None]:
-        """The config dict of a form (validated like the CLI's) and the run name; UiError/ConfigError if bad."""
-        values = body.get("values")
-        if not isinstance(values, dict):
-            raise UiError("the request needs `values`: an object of config keys")
-        raw = form_to_raw(values)
-        name = body.get("name")
-        if name_needed or name:
-            raw["output_dir"] = str(roots.run_dir(name))
-        config_from_dict(raw, source="form")
-        problems = path_problems(raw, roots)
-        if problems:
-            raise UiError("form: " + "; ".join(problems))
-        return raw, name
+    async def catalog() -> dict[str, Any]:
+        return {"catalog": state.catalog.answer}
 
     @app.post("/api/check")
     async def check(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
         try:
-            raw, name = checked(body, name_needed=False)
+            raw, name = checked_config(await _json_body(request), roots, name_needed=False)
         except PeftkitError as exc:
             return {"ok": False, "error": str(exc)}
-        text = config_yaml(raw)
-        target = f"{roots.run_dir(name) / 'config.yaml'}" if name else "config.yaml"
-        return {"ok": True, "yaml": text, "command": f"peftkit train {target}"}
+        target = roots.run_dir(name) / "config.yaml" if name else "config.yaml"
+        return {"ok": True, "yaml": config_yaml(raw), "command": f"peftkit train {target}"}
 
     @app.post("/api/estimate")
     async def estimate(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
         try:
-            raw, _ = checked(body, name_needed=False)
+            raw, _ = checked_config(await _json_body(request), roots, name_needed=False)
         except PeftkitError as exc:
             return {"ok": False, "error": str(exc)}
         raw.pop("output_dir", None)
-        answer = await run_in_threadpool(estimator.estimate, raw)
+        answer = await run_in_threadpool(state.estimator.estimate, raw)
         if answer is None:
             return {"ok": False, "superseded": True, "error": "replaced by a newer estimate"}
         return {"ok": False, "error": answer["error"]} if "error" in answer else {"ok": True, "estimate": answer}
 
     @app.post("/api/runs")
     async def create_run(request: Request) -> dict[str, Any]:
-        raw, name = checked(await _json_body(request), name_needed=True)
+        raw, name = checked_config(await _json_body(request), roots, name_needed=True)
         folder = roots.run_dir(str(name))
         if folder.exists() and any(folder.iterdir()):
             raise UiError(f"run {name!r} exists already under {roots.runs}; choose another name", status=409)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(config_yaml(raw), encoding="utf-8")
-        jobs.start(folder, "train", [str(folder / "config.yaml")])
+        state.jobs.start(folder, "train", [str(folder / "config.yaml")])
         return {"name": name}
 
-    # -- runs
+
+def run_detail(folder: Path, jobs: Jobs, since: int, version: int) -> dict[str, Any]:
+    """A run page's poll: summary, the metrics records it lacks (all of them after a rewrite), logs, reports."""
+    records = read_metrics(folder)
+    current = metrics_version(folder)
+    reset = current != version or since > len(records)
+    eval_job = read_job(folder, "eval")
+    return {
+        "summary": run_summary(folder, jobs), "version": current, "reset": reset,
+        "records": records if reset else records[since:], "count": len(records),
+        "log": log_tail(folder, "train", 12), "reports": reports(folder),
+        "eval": {"running": jobs.running(folder, "eval"), "exit_code": eval_job.get("exit_code") if eval_job else None,
+                 "started": bool(eval_job), "log": log_tail(folder, "eval", 6)},
+        "config": yaml.safe_dump(read_config(folder), sort_keys=False),
+        "command": f"peftkit train {folder / 'config.yaml'} --resume",
+    }
+
+
+def _add_run_routes(app: FastAPI, state: UiState) -> None:
+    roots, jobs = state.roots, state.jobs
+
     @app.get("/api/runs")
     async def runs() -> dict[str, Any]:
         return {"runs": await run_in_threadpool(list_runs, roots, jobs)}
 
     @app.get("/api/runs/{name}")
     async def run(name: str, since: int = 0, version: int = 0) -> dict[str, Any]:
-        folder = roots.existing_run(name)
-        records = read_metrics(folder)
-        current = metrics_version(folder)
-        reset = current != version or since > len(records)
-        eval_job = read_job(folder, "eval")
-        return {
-            "summary": run_summary(folder, jobs), "version": current, "reset": reset,
-            "records": records if reset else records[since:], "count": len(records),
-            "log": log_tail(folder, "train", 12), "reports": reports(folder),
-            "eval": {"running": jobs.running(folder, "eval"), "exit_code": eval_job.get("exit_code") if eval_job else None,
-                     "started": bool(eval_job), "log": log_tail(folder, "eval", 6)},
-            "config": yaml.safe_dump(read_config(folder), sort_keys=False),
-            "command": f"peftkit train {folder / 'config.yaml'} --resume",
-        }
+        return await run_in_threadpool(run_detail, roots.existing_run(name), jobs, since, version)
 
     @app.post("/api/runs/{name}/stop")
     async def stop(name: str) -> dict[str, Any]:
@@ -309,55 +336,56 @@ def create_app(settings: UiSettings) -> FastAPI:
         # a report is shown in a sandbox: no scripts, no access to the UI's cookie or API
         return FileResponse(target, media_type=FILE_TYPES[target.suffix], headers={"Content-Security-Policy": "sandbox"})
 
-    # -- playground
-    @app.get("/api/playground")
-    async def playground_choices() -> dict[str, Any]:
-        rows = [r for r in await run_in_threadpool(list_runs, roots, jobs)
-                if r["adapter"] and r["task"] == "generation" and r["method"] != "full" and r["status"] != "running"]
-        return {"bases": sorted({str(r["model"]) for r in rows}), "adapters": [{"run": r["name"], "base": str(r["model"]), "method": r["method"]} for r in rows]}
 
-    def playground_runs(base: Any, names: Any) -> list[str]:
-        """The picked runs, each with a finished adapter trained on `base` (nothing else can be loaded)."""
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise UiError("`runs` must be a list of run names")
-        for name in names:
-            config = read_config(roots.existing_run(name))
-            if not (roots.run_dir(name) / "adapter").is_dir() or config.get("model") != base:
-                raise UiError(f"run {name!r} has no finished adapter trained on {base!r}")
-        return names
+def playground_runs(roots: Roots, base: Any, names: Any) -> list[str]:
+    """The picked runs, each with a finished adapter trained on `base` (nothing else can be loaded)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UiError("`runs` must be a list of run names")
+    for name in names:
+        config = read_config(roots.existing_run(name))
+        if not (roots.run_dir(name) / "adapter").is_dir() or config.get("model") != base:
+            raise UiError(f"run {name!r} has no finished adapter trained on {base!r}")
+    return names
+
+
+def _add_playground_routes(app: FastAPI, state: UiState) -> None:
+    roots, playground = state.roots, state.playground
+
+    @app.get("/api/playground")
+    async def choices() -> dict[str, Any]:
+        rows = [r for r in await run_in_threadpool(list_runs, roots, state.jobs)
+                if r["adapter"] and r["task"] == "generation" and r["method"] != "full" and r["status"] != "running"]
+        return {"bases": sorted({str(r["model"]) for r in rows}),
+                "adapters": [{"run": r["name"], "base": str(r["model"]), "method": r["method"]} for r in rows]}
 
     @app.post("/api/playground/load")
-    async def playground_load(request: Request) -> dict[str, Any]:
+    async def load(request: Request) -> dict[str, Any]:
         body = await _json_body(request)
         base = body.get("base")
         if base not in {str(read_config(p).get("model")) for p in roots.runs.iterdir() if p.is_dir()}:
             raise UiError(f"base {base!r} is not the base of any run under {roots.runs}")
-        names = await run_in_threadpool(playground.prepare, base, playground_runs(base, body.get("runs", [])))
+        names = await run_in_threadpool(playground.prepare, base, playground_runs(roots, base, body.get("runs", [])))
         return {"base": "base", "adapters": names}
 
     @app.post("/api/playground/complete")
-    async def playground_complete(request: Request) -> Response:
+    async def complete(request: Request) -> Response:
         body = await _json_body(request)
-        prompt = body.get("prompt")
+        prompt, model = body.get("prompt"), body.get("model")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UiError("type a prompt (or pick a test example) first")
-        model = body.get("model")
         if not isinstance(model, str):
             raise UiError("`model` must be the name of a loaded model")
-        params = _decoding(body)
-        pieces = await run_in_threadpool(playground.stream, model, prompt, *params)
+        pieces = await run_in_threadpool(playground.stream, model, prompt, *_decoding(body))
         return StreamingResponse(pieces, media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/playground/examples")
-    async def playground_examples(run: str) -> dict[str, Any]:
+    async def examples(run: str) -> dict[str, Any]:
         config = read_config(roots.existing_run(run))
         config.pop("output_dir", None)
         answer = await run_in_threadpool(run_worker, "examples", config, roots.project)
         if "error" in answer:
             raise UiError(answer["error"])
         return answer
-
-    return app
 
 
 def _decoding(body: dict[str, Any]) -> tuple[int, float, float]:
