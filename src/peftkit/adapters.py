@@ -27,7 +27,7 @@ from .errors import AdapterError, ConfigError
 from .io import atomic_dir
 from .methods.base import AdapterLayerMixin, InputAdapterLayer
 from .methods.registry import PEFT_TYPES, method_for_config
-from .models import load_model, load_tokenizer
+from .models import load_encoder, load_model, load_tokenizer
 from .methods.lora import ModulesToSave
 
 log = logging.getLogger(__name__)
@@ -326,21 +326,42 @@ class AdaptedModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> tuple["AdaptedModel", Any]:
-        """Load the adapter at `path` onto its recorded base (or `base`); returns (model, tokenizer)."""
+        """Load the adapter at `path` onto its recorded base (or `base`); returns (model, tokenizer).
+
+        The base is the one the run trained: a causal / seq2seq LM, or for `task: embedding | classification`
+        the bare encoder or the encoder with a fresh head seeded as in training; an adapter trained with added
+        tokens grows the base's embeddings to its own tokenizer. (artifacts.load_artifact, which every verb
+        uses, loads adapters through here.)"""
         _, raw = read_adapter_config(path)
         base = base or raw.get("base_model_name_or_path")
         if not base:
-            raise AdapterError(f"{path}: adapter_config.json records no base_model_name_or_path; pass the base model")
-        model, tokenizer = load_model(base, dtype=dtype, device=device)
-        tokenizer = _resize_for_added_tokens(model, tokenizer, Path(path))
+            raise AdapterError(f"{path}: adapter_config.json records no base_model_name_or_path; pass the base model (--model)")
+        model, tokenizer = _load_base(base, read_sidecar(path), dtype, device)
+        tokenizer = resize_for_adapter(model, tokenizer, path)
         adapted = cls(model)
         adapted.load_adapter(path, name=name)
         adapted.to(device)
         return adapted, tokenizer
 
 
-def _resize_for_added_tokens(model: nn.Module, tokenizer: Any, path: Path) -> Any:
-    """An adapter trained with added tokens carries its tokenizer; grow the fresh base to match."""
+ENCODER_TASKS = ("embedding", "classification")
+
+
+def _load_base(name: str, meta: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> tuple[nn.Module, Any]:
+    """The base an adapter was trained on: a causal / seq2seq LM, or for an encoder task's adapter the bare
+    encoder or the encoder with a fresh head, seeded as in training (the "before" of its scores)."""
+    task = meta.get("task")
+    if task not in ENCODER_TASKS:
+        return load_model(name, dtype=dtype, device=device)
+    labels = meta.get("labels") or []
+    torch.manual_seed(int(((meta.get("run_config") or {}).get("train") or {}).get("seed", 0)))
+    return load_encoder(name, len(labels) if task == "classification" else None, dtype=dtype, device=device)
+
+
+def resize_for_adapter(model: nn.Module, tokenizer: Any, path: str | Path) -> Any:
+    """An adapter trained with added tokens carries its tokenizer: grow the base's embeddings (and an untied
+    head) to it, so the saved embedding rows fit. Returns the tokenizer to use."""
+    path = Path(path)
     if not (path / "tokenizer_config.json").is_file():
         return tokenizer
     tokenizer = load_tokenizer(str(path))

@@ -22,26 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-import torch
 from safetensors import safe_open
 from torch import nn
 
 from .adapters import (
     CONFIG_NAME,
+    ENCODER_TASKS,
     AdaptedModel,
     read_adapter_config,
     read_adapter_weights,
     read_sidecar,
+    resize_for_adapter,
 )
 from .data.templates import PromptFormat
 from .errors import AdapterError
 from .generate import generate_texts
-from .models import load_encoder, load_model, load_tokenizer, resolve_device
+from .models import load_model, resolve_device
 from .precision import resolve_dtype
 
 Kind = Literal["base", "adapter", "full", "merged"]
 DEFAULT_BASE = "smollm2-135m"
-ENCODER_TASKS = ("embedding", "classification")
 
 
 @dataclass
@@ -89,18 +89,6 @@ def artifact_kind(path: str | Path) -> Kind:
                        "give the folder `peftkit train` wrote (output_dir/adapter) or a merged export")
 
 
-def resize_for_adapter(model: nn.Module, tokenizer: Any, path: str | Path) -> Any:
-    """An adapter trained with added tokens carries its tokenizer: grow the base's embeddings (and an untied
-    head) to it, so the saved embedding rows fit. Returns the tokenizer to use."""
-    path = Path(path)
-    if not (path / "tokenizer_config.json").is_file():
-        return tokenizer
-    tokenizer = load_tokenizer(str(path))
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    return tokenizer
-
-
 def load_artifact(
     spec: str | Path | None, model: str | None = None, device: str = "auto", precision: str = "fp32",
     name: str = "default",
@@ -119,28 +107,9 @@ def load_artifact(
         whole, tokenizer = load_model(str(path), dtype=dtype, device=dev)
         whole.eval()
         return Artifact(kind, whole, tokenizer, saved_format(meta), meta, path=path)
-    _, raw = read_adapter_config(path)
-    base_name = model or raw.get("base_model_name_or_path")
-    if not base_name:
-        raise AdapterError(f"{path}: adapter_config.json records no base_model_name_or_path; pass the base model (--model)")
-    base, tokenizer = _load_base(base_name, meta, dtype, dev)
-    tokenizer = resize_for_adapter(base, tokenizer, path)
-    adapted = AdaptedModel(base)
-    adapted.load_adapter(path, name=name)
-    adapted.to(dev)
+    adapted, tokenizer = AdaptedModel.from_pretrained(path, model, name, dtype, dev)
     adapted.eval()
     return Artifact("adapter", adapted, tokenizer, saved_format(meta), meta, adapted, path)
-
-
-def _load_base(name: str, meta: Mapping[str, Any], dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-    """The base an adapter was trained on: a causal / seq2seq LM, or for `task: embedding | classification`
-    runs the bare encoder or the encoder with a fresh head, seeded as in training (the "before" column)."""
-    task = meta.get("task")
-    if task not in ENCODER_TASKS:
-        return load_model(name, dtype=dtype, device=device)
-    labels = meta.get("labels") or []
-    torch.manual_seed(int(((meta.get("run_config") or {}).get("train") or {}).get("seed", 0)))
-    return load_encoder(name, len(labels) if task == "classification" else None, dtype=dtype, device=device)
 
 
 def describe_artifact(path: str | Path) -> dict[str, Any]:
@@ -200,4 +169,4 @@ def _describe_model_folder(path: Path, meta: Mapping[str, Any]) -> dict[str, Any
     }
 
 
-__all__ = ["Artifact", "artifact_kind", "describe_artifact", "load_artifact", "resize_for_adapter", "saved_format"]
+__all__ = ["ENCODER_TASKS", "Artifact", "artifact_kind", "describe_artifact", "load_artifact", "resize_for_adapter", "saved_format"]
