@@ -162,6 +162,13 @@ BF16_UNIT_ROUNDOFF = torch.finfo(torch.bfloat16).eps / 2
 Tests that compare two bf16 computations derive their tolerance from it (and say why in a comment)."""
 
 
+def bf16_atol(reference: torch.Tensor, roundings: float) -> float:
+    """`roundings` bf16 unit roundoffs of `reference`'s largest element: the absolute tolerance between two bf16
+    computations of one tensor that round at different points (an element near zero carries the same absolute
+    error as the largest, so the bound is absolute). Each test names the count it allows and what it measured."""
+    return roundings * BF16_UNIT_ROUNDOFF * float(reference.detach().abs().max())
+
+
 @lru_cache(maxsize=None)
 def bnb_fused_bf16_kernel() -> bool:
     """Does bitsandbytes have its fused bf16 4-bit kernel on this CPU (AVX512-BF16)?
