@@ -39,8 +39,17 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/peftkit train $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/peftkit eval $(DEMO_EVAL)
 
+# The tests whose outcome depends on `precision: auto` run a second time with CPU bf16 detection forced the
+# other way (PEFTKIT_CPU_BF16, README "Precision"), so every host checks both outcomes. PRECISION_TESTS= skips it.
+PRECISION_TESTS ?= tests/test_precision.py tests/test_train.py tests/test_methods_train.py tests/test_tasks.py \
+	tests/test_quant.py tests/test_estimate.py
+FLIPPED_CPU_BF16 = $(BIN)/python -c "from peftkit.precision import cpu_supports_bf16; print(int(not cpu_supports_bf16()))"
+
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@if [ -n "$(strip $(PRECISION_TESTS))" ]; then flipped=$$($(FLIPPED_CPU_BF16)) && \
+		echo "precision-sensitive tests again, with PEFTKIT_CPU_BF16=$$flipped (the other precision: auto outcome)" && \
+		HF_HUB_OFFLINE=1 PEFTKIT_CPU_BF16=$$flipped $(BIN)/python -m pytest -q $(PRECISION_TESTS); fi
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
