@@ -31,13 +31,13 @@ def test_every_error_is_reported_at_once_with_a_suggestion():
     text = str(info.value)
     assert "4 problem(s)" in text
     assert "did you mean 'model'" in text and "did you mean 'epochs'" in text and "did you mean 'lora'" in text
-    assert "train.batch_size: expected int" in text
+    assert "train.batch_size: expected a whole number" in text
 
 
 @pytest.mark.parametrize(
     "override, message",
     [("lora.r=0", "lora.r: must be at least 1"), ("lora.alpha=-1", "lora.alpha: must be positive"),
-     ("train.batch_size=0", "train.batch_size"), ("lora.dropout=1.5", "lora.dropout"), ("train.lr=true", "train.lr: expected float")],
+     ("train.batch_size=0", "train.batch_size"), ("lora.dropout=1.5", "lora.dropout"), ("train.lr=true", "train.lr: expected a number")],
 )
 def test_impossible_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

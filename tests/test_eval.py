@@ -141,7 +141,7 @@ def test_cli_eval_writes_the_report(runs, tmp_path, monkeypatch, capsys):
     (["eval", "--model", "/no/such/folder", "--held-out", "nope"], "not built in"),
     (["eval", "--adapter", "/no/such/adapter"], "no such adapter"),
     (["eval", "--model", "/no/such/folder", "--recorded", "full=/no/such/results.json"], "cannot read"),
-    (["eval", "--model", "/no/such/folder", "--recorded", "/no/such/results.json"], "give NAME=FILE"),
+    (["eval", "--model", "/no/such/folder", "--recorded", "/no/such/results.json"], "cannot read"),  # a bare FILE: all its systems
 ])
 def test_cli_eval_user_errors_exit_2(args, message, monkeypatch, capsys):
     code, output = peftkit(args, monkeypatch, capsys)

@@ -18,11 +18,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from ..data.templates import PromptFormat
-from ..generate import generate_texts
-from ..inference import saved_format
+from ..generate import Decoding, answer_rows
+from ..artifacts import saved_format
 from .forgetting import forgetting_table
 from .metrics import first_line, text_metrics
 from .multiple_choice import McQuestion, mc_accuracy
@@ -51,6 +49,15 @@ class GenerationSettings:
     """Score only the first non-blank line of each output (summaries are one sentence)."""
     stemmer: bool = True
     """Porter stemming in ROUGE (rouge-score's use_stemmer)."""
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already present by this (1.0: off)."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an N-gram (0: off)."""
+
+    def decoding(self) -> Decoding:
+        """The generation part, as the samples after training use it too."""
+        return Decoding(self.max_new_tokens, self.batch_size, self.num_beams, self.do_sample, self.temperature,
+                        self.top_p, self.repetition_penalty, self.no_repeat_ngram_size, self.seed)
 
 
 def system_format(system: System, task: EvalTask) -> PromptFormat:
@@ -64,21 +71,8 @@ def generate_outputs(
     loaded: LoadedSystem, fmt: PromptFormat, rows: Sequence[dict[str, Any]], settings: GenerationSettings,
     advance: Any = None,
 ) -> list[str]:
-    """Outputs in row order; rows are batched by prompt length so little padding is generated over."""
-    order = sorted(range(len(rows)), key=lambda i: len(fmt.render(rows[i])))
-    torch.manual_seed(settings.seed)
-    decoding = {"do_sample": settings.do_sample, "num_beams": settings.num_beams,
-                "temperature": settings.temperature, "top_p": settings.top_p}
-    outputs = [""] * len(rows)
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start : start + settings.batch_size]
-        texts = generate_texts(loaded.model, loaded.tokenizer, fmt, [rows[i] for i in chunk],
-                               max_new_tokens=settings.max_new_tokens, batch_size=len(chunk), **decoding)
-        for i, text in zip(chunk, texts):
-            outputs[i] = text
-        if advance is not None:
-            advance(len(chunk))
-    return outputs
+    """Outputs in row order, decoded as everywhere else (`generate.answer_rows`)."""
+    return answer_rows(loaded.model, loaded.tokenizer, fmt, rows, settings.decoding(), advance)
 
 
 def score_outputs(outputs: Sequence[str], references: Sequence[str], settings: GenerationSettings) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from ..adapters import AdaptedModel
 from ..config import PACKABLE_METHODS, RunConfig
 from ..data.batching import collate
 from ..data.datasets import TaskData, load_tasks
-from ..generate import generate_texts
+from ..generate import Decoding, answer_rows, weights_label
 from ..io import atomic_dir, atomic_write_json
 from ..models import builtin_origin, is_seq2seq, load_model
 from . import distributed
@@ -194,14 +194,15 @@ def sample_answers(cfg: RunConfig, adapted: AdaptedModel, tokenizer: Any, task: 
     rows = (task.test or task.validation)[: cfg.generate.num_samples]
     if not rows or task.shape != "prompt_response":
         return []
-    gen = {"max_new_tokens": cfg.generate.max_new_tokens, "batch_size": len(rows)}
-    tuned = generate_texts(adapted, tokenizer, task.format, rows, **gen)
+    decoding = Decoding.from_config(cfg.generate)  # as `peftkit eval` decodes: same settings, same answers
+    tuned = answer_rows(adapted, tokenizer, task.format, rows, decoding)
     if cfg.method == "full":
         base = ["(full fine-tuning: the base weights were changed)"] * len(rows)
     else:
         with adapted.disable_adapter():
-            base = generate_texts(adapted, tokenizer, task.format, rows, **gen)
+            base = answer_rows(adapted, tokenizer, task.format, rows, decoding)
+    settings = f"{decoding.describe()}, {weights_label(adapted)} weights"
     return [
-        {"prompt": task.format.render(r), "reference": str(r[task.response]), "base": b, "tuned": t}
+        {"prompt": task.format.render(r), "reference": str(r[task.response]), "base": b, "tuned": t, "settings": settings}
         for r, b, t in zip(rows, base, tuned)
     ]
