@@ -160,12 +160,15 @@ def test_new_run_live_curve_stop_resume_playground_and_report(ui, browser, tmp_p
     fill(browser, "f-lora-r", "0")  # a mistake first: the CLI's message, the Launch button off
     wait_for("the validation message", lambda: "lora.r: must be at least 1" in browser.find_element(By.ID, "form-error").text, 30)
     assert not browser.find_element(By.ID, "launch").is_enabled()
+    assert "fix the form first" in browser.find_element(By.ID, "yaml").text
     fill(browser, "f-lora-r", "4")
     wait_for("the YAML", lambda: "r: 4" in browser.find_element(By.ID, "yaml").text and "max_steps" in browser.find_element(By.ID, "yaml").text, 30)
+    assert browser.find_element(By.ID, "launch").is_enabled() and not browser.find_element(By.ID, "form-error").text
     browser.find_element(By.ID, "launch").click()  # the memory estimate arrives meanwhile (checked at the end)
 
     # -- the run page: live curve, stop (SIGINT: checkpoint), resume, finish
-    wait_for("the run page", lambda: browser.current_url.endswith("#run/tiny-lora"), 30)
+    wait_for("the run page", lambda: browser.current_url.endswith("#run/tiny-lora") or browser.find_element(By.ID, "form-error").text, 30)
+    assert browser.current_url.endswith("#run/tiny-lora"), browser.find_element(By.ID, "form-error").text
     wait_for("the live loss curve", lambda: loss_points(browser) >= 3, 240)
     assert status(browser) == "running"
     browser.find_element(By.ID, "stop").click()

@@ -121,11 +121,15 @@ function formValues() {  // the visible fields that differ from their defaults, 
   return values;
 }
 
+let checkSeq = 0;
 const checkForm = debounce(async () => {
+  const seq = ++checkSeq;
   const answer = await api("/api/check", { values: formValues(), name: $("#run-name").value }).catch((e) => ({ ok: false, error: e.message }));
+  if (seq !== checkSeq) return;  // the form changed since: a newer answer is coming
   $("#form-error").textContent = answer.ok ? "" : answer.error;
   $("#launch").disabled = !answer.ok;
-  if (answer.ok) { $("#yaml").textContent = answer.yaml; $("#command").textContent = answer.command; estimate(); }
+  $("#yaml").textContent = answer.ok ? answer.yaml : "(fix the form first)";
+  if (answer.ok) { $("#command").textContent = answer.command; estimate(); }
 }, 300);
 
 let estimateSeq = 0;
