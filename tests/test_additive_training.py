@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_run_config
 from peftkit.config import config_from_dict
-from peftkit.inference import load_for_inference
+from peftkit.artifacts import load_artifact
 from peftkit.train import run_training
 
 RUNS = [
@@ -37,7 +37,7 @@ def test_train_save_reload(method, kind, section, model_dirs, data_file, rows, t
                                    "adaption_prompt": "ADAPTION_PROMPT", "bottleneck": "PEFTKIT_BOTTLENECK"}[method]
     (sample,) = result.samples
     row = next(r for r in rows if r["summary"] == sample["reference"])
-    loaded = load_for_inference(result.adapter_dir, device="cpu")
+    loaded = load_artifact(result.adapter_dir, device="cpu")
     # the reloaded adapter answers as the trained one did, and disabling it gives the base's answer
     assert loaded.generate([row], max_new_tokens=8) == [sample["tuned"]]
     assert loaded.generate([row], max_new_tokens=8, base=True) == [sample["base"]]

@@ -76,9 +76,9 @@ def test_pool_loads_the_base_once_and_switches_adapters(runs, model_dirs):
     loaded = SystemPool(describe_systems([], include_base=True, model=str(model_dirs["llama"])), device="cpu")
     with loaded.use(loaded.systems[0]) as plain:
         assert generate_outputs(plain, task.format, task.rows, SETTINGS) == base_out
-    from peftkit.inference import load_for_inference
+    from peftkit.artifacts import load_artifact
 
-    assert load_for_inference(runs["lora"]).generate(task.rows, max_new_tokens=5) == tuned_out
+    assert load_artifact(runs["lora"]).generate(task.rows, max_new_tokens=5) == tuned_out
 
 
 def test_generation_order_does_not_change_outputs(runs):

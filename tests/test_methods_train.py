@@ -13,7 +13,8 @@ from conftest import quantized_forward_atol, tiny_run_config
 from peftkit import AdaptedModel
 from peftkit.adapters import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.config import config_from_dict
-from peftkit.inference import load_for_inference, merge_to_folder
+from peftkit.artifacts import load_artifact
+from peftkit.inference import merge_to_folder
 from peftkit.train import run_training
 
 
@@ -57,7 +58,7 @@ def test_selective_run_saves_real_tensor_names(model_dirs, data_file, tmp_path):
     saved = load_file(str(result.adapter_dir / WEIGHTS_NAME))
     assert "base_model.model.model.layers.1.mlp.down_proj.weight" in saved
     assert not any("layers.0." in k for k in saved)
-    loaded = load_for_inference(result.adapter_dir)
+    loaded = load_artifact(result.adapter_dir)
     assert loaded.adapted is not None and loaded.generate([{"abstract": "We study things."}], max_new_tokens=3)
 
 
@@ -68,5 +69,5 @@ def test_full_fine_tuning_saves_a_full_model(model_dirs, data_file, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert len(changed) == len(base.state_dict())  # every tensor trained (rotary buffers are not saved)
-    loaded = load_for_inference(result.adapter_dir)
+    loaded = load_artifact(result.adapter_dir)
     assert loaded.adapted is None and loaded.generate([{"abstract": "We study things."}], max_new_tokens=3)

@@ -111,13 +111,13 @@ def test_select_by_rouge_l_matches_rouge_score(model_dirs, data_file, tmp_path):
 
     from peftkit.eval.metrics import first_line
     from peftkit.generate import generate_texts
-    from peftkit.inference import load_for_inference
+    from peftkit.artifacts import load_artifact
 
     out = tmp_path / "run"
     result = run(model_dirs, data_file, out, epochs=1, select_by="rougeL", lr=3e-2)
     last = [r for r in records(out) if "val_rougeL" in r][-1]
     assert last["step"] == result.steps
-    loaded = load_for_inference(result.adapter_dir, device="cpu")
+    loaded = load_artifact(result.adapter_dir, device="cpu")
     task_rows = [json.loads(line) for line in data_file.read_text().splitlines()]
     from peftkit.data.datasets import split_by_ratio
 
@@ -142,7 +142,7 @@ def test_logs_jsonl_csv_and_loss_curve(model_dirs, data_file, tmp_path):
 
 # -- the tuned model stops ------------------------------------------------------------------------
 def test_a_tuned_model_learns_eos_and_stops(model_dirs, tmp_path):
-    from peftkit.inference import load_for_inference
+    from peftkit.artifacts import load_artifact
 
     rows = [{"abstract": f"This paper studies problem {i}.", "summary": "Results show gains."} for i in range(8)]
     data = tmp_path / "fixed.jsonl"
@@ -153,7 +153,7 @@ def test_a_tuned_model_learns_eos_and_stops(model_dirs, tmp_path):
     raw.update(method="full", generate={"num_samples": 0})
     raw["data"].update(val_ratio=0.0, test_ratio=0.0)
     result = run_training(config_from_dict(raw))
-    loaded = load_for_inference(result.adapter_dir, device="cpu")
+    loaded = load_artifact(result.adapter_dir, device="cpu")
     max_new = 20
     prompt = loaded.format.render(rows[0])
     assert "problem 0" in prompt

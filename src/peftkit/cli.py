@@ -197,11 +197,12 @@ def generate(
     no_repeat_ngram_size: int = typer.Option(0, min=0, help="Never repeat an N-gram (0: off)."),
 ) -> None:
     """Generate answers, formatting prompts exactly as the adapter was trained."""
-    from .inference import load_for_inference, prompt_rows
+    from .artifacts import load_artifact
+    from .inference import prompt_rows
 
     if adapter is None and model is None:
         raise PeftkitError("give --adapter PATH or --model NAME")
-    loaded = load_for_inference(adapter, model)
+    loaded = load_artifact(adapter, model)
     rows = prompt_rows(loaded.format, prompt)
     decoding = {"max_new_tokens": max_new_tokens, "do_sample": sample, "repetition_penalty": repetition_penalty,
                 "no_repeat_ngram_size": no_repeat_ngram_size}

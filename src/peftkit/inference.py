@@ -1,11 +1,9 @@
 """Merging an adapter into its base (`peftkit merge`) and text prompts for `peftkit generate`.
 
-Loading any trained result is artifacts.load_artifact; the names below are its, re-exported for callers
-that read them from here.
+Loading any trained result is artifacts.load_artifact.
 
 Example:
-    >>> loaded = load_for_inference("runs/default/adapter")
-    >>> loaded.generate([{"abstract": "We study ..."}])
+    >>> path, max_err = merge_to_folder("runs/default/adapter", "runs/default/merged")
 """
 
 from __future__ import annotations
@@ -17,15 +15,12 @@ from typing import Sequence
 import torch
 
 from .adapters import SIDECAR_NAME, read_sidecar
-from .artifacts import Artifact, load_artifact, saved_format
+from .artifacts import load_artifact
 from .data.templates import PromptFormat, template_fields
 from .errors import AdapterError, PeftkitError
 from .io import atomic_dir
 from .methods.quant import merge_dequantized, quantize_base, trained_quantization
 
-Loaded = Artifact
-load_for_inference = load_artifact
-__all__ = ["Loaded", "load_for_inference", "merge_to_folder", "prompt_rows", "saved_format"]
 
 
 def prompt_rows(fmt: PromptFormat, texts: Sequence[str]) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +24,18 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 
 from torch import nn
 
-from ..adapters import AdaptedModel
-from ..artifacts import load_artifact, resize_for_adapter
+from ..adapters import CONFIG_NAME, AdaptedModel
+from ..artifacts import artifact_kind, load_artifact, resize_for_adapter, saved_format
 from ..combine import Combination, combine_adapters
 from ..data.templates import PromptFormat
 from ..errors import AdapterError, ModelError, PeftkitError
-from ..inference import saved_format
 from ..models import BUILTIN_MODELS, is_seq2seq
 from .batching import Scheduler
 from .decode import RunningBatch, Sequence
 from .sampling import SamplingParams
 from .prompts import RAW_FORMAT, chat_ids, completion_ids
 from .routing import RowRouting, enable_row_routing, routable
-from .security import check_adapter_files
+from .security import check_adapter_files, confined_adapter_dir
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ class Engine:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self.batch = self._new_batch(None)
+        self._last_used: dict[str, float] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self._loading_lock = threading.Lock()
+        self._directory_lock = threading.Lock()
+        self._load_failures: dict[str, PeftkitError] = {}
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -157,6 +162,7 @@ class Engine:
                 raise UnknownModel(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
             adapted.delete_adapter(name)
             del self.adapters[name]
+            self._last_used.pop(name, None)
             if self.routing is not None:
                 self.routing.refresh()
         log.info("adapter %r unloaded", name)
@@ -185,10 +191,74 @@ class Engine:
     def resolve(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base); unknown names raise UnknownModel."""
         if model in self.adapters:
+            self._last_used[model] = time.monotonic()
             return model
         if model == self.base_name and not self.merged:
             return None
         raise UnknownModel(f"model {model!r} is not served; available: {', '.join(self.model_names())}")
+
+    # -- adapters on demand (--adapter-dir) -------------------------------------------------------
+    def available_adapters(self) -> list[str]:
+        """Adapter folders under --adapter-dir that requests may name (loaded on first use)."""
+        root = self.settings.adapter_dir
+        if root is None or not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.name.isidentifier() and (p / CONFIG_NAME).is_file())
+
+    def ensure_adapter(self, model: str) -> None:
+        """Load adapter `model` from --adapter-dir if it is not resident (evicting the least recently used one
+        beyond --max-adapters). Requests for an adapter that is loading wait for that load and share its result."""
+        root = self.settings.adapter_dir
+        if root is None or model in self.adapters or (model == self.base_name and not self.merged):
+            return
+        if not model.isidentifier():
+            raise UnknownModel(f"model {model!r} is not served; adapter names are identifiers (letters, digits, _)")
+        with self._loading_lock:
+            loading = self._loading.get(model)
+            if loading is None:
+                self._loading[model] = loading = threading.Event()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            loading.wait(timeout=600)
+            if model not in self.adapters:
+                raise self._load_failures.get(model) or UnknownModel(f"adapter {model!r} could not be loaded")
+            return
+        try:
+            with self._directory_lock:  # one on-demand load (and eviction) at a time
+                self._load_from_dir(model, root)
+            self._load_failures.pop(model, None)
+        except PeftkitError as exc:
+            self._load_failures[model] = exc
+            raise
+        finally:
+            with self._loading_lock:
+                del self._loading[model]
+            loading.set()
+
+    def _load_from_dir(self, name: str, root: Path) -> None:
+        if not (root / name).exists():
+            raise UnknownModel(f"model {name!r} is not served: no folder {name!r} under --adapter-dir; "
+                               f"available: {', '.join(self.model_names() + self.available_adapters())}")
+        folder = confined_adapter_dir(root, name)  # the folder-safety rules: no escape from the directory
+        if artifact_kind(folder) != "adapter":
+            raise AdapterError(f"{name}: a full model folder, not an adapter; --adapter-dir serves adapter folders")
+        while len(self.adapters) >= self.settings.max_adapters:
+            self._evict_least_recently_used()
+        self.load_adapter(name, folder)
+        self._last_used[name] = time.monotonic()
+
+    def _evict_least_recently_used(self) -> None:
+        """Unload the resident adapter used longest ago that no running or waiting request needs."""
+        with self._model_lock:
+            busy = {s.adapter for s in self.batch.seqs} | self.queue.adapters()
+        idle = [name for name in self.adapters if name not in busy]
+        if not idle:
+            raise Conflict(f"all {len(self.adapters)} resident adapters (--max-adapters) are in use; retry shortly")
+        victim = min(idle, key=lambda name: self._last_used.get(name, 0.0))
+        log.info("adapter %r evicted (least recently used; --max-adapters %d)", victim, self.settings.max_adapters)
+        self.unload_adapter(victim)
 
     # -- requests -------------------------------------------------------------------------------
     def _format(self, adapter: str | None) -> PromptFormat:
