@@ -122,6 +122,22 @@ def test_status_from_the_job_record(roots, exit_code, adapter, status):
     assert run_status(run, Jobs(roots)) == status
 
 
+def test_a_restarted_ui_finds_a_running_job_by_its_pid_and_stops_it_with_sigint(roots):
+    run = roots.runs / "r"
+    run.mkdir(parents=True)
+    # stands in for `python -m peftkit.ui.runner RUN train ...` (the name is what identifies a runner's pid)
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "peftkit.ui.runner"])
+    try:
+        (run / "ui-train.json").write_text(json.dumps({"pid": job.pid, "exit_code": None, "started": 0.0}))
+        fresh = Jobs(roots)  # a new UI process: no children of its own
+        assert run_status(run, fresh) == "running"
+        fresh.stop(run)
+        assert job.wait(timeout=60) != 0  # KeyboardInterrupt: the signal was SIGINT
+        assert run_status(run, fresh) == "failed"  # it recorded no exit code: it did not checkpoint and exit 130
+    finally:
+        job.kill()
+
+
 def test_runs_list_and_a_run_started_from_the_command_line(client, roots):
     cli_run = roots.runs / "from-cli"
     (cli_run / "checkpoints" / "step-2").mkdir(parents=True)
