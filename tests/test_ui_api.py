@@ -65,6 +65,19 @@ def test_form_fields_carry_the_config_docstrings_and_sections_follow_the_method(
     assert "output_dir" not in keys and len(keys) == len(set(keys))
 
 
+def test_choices_are_the_projects_data_files_and_model_folders(client, roots):
+    model = roots.project / "models" / "tiny"
+    model.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (model / name).write_text("{}")
+    (roots.project / ".venv" / "lib").mkdir(parents=True)
+    (roots.project / ".venv" / "lib" / "hidden.jsonl").write_text("{}\n")
+    form = client.get("/api/form").json()
+    assert form["data_files"] == ["data/train.jsonl"]  # not the model's JSON, not hidden folders, not the runs
+    assert form["model_folders"] == ["models/tiny"]
+    assert form["adapters"] == [str(roots.runs / "done" / "adapter")]
+
+
 def test_form_values_parse_like_set_overrides():
     raw = form_to_raw({"lora.r": "8", "data.prompt": "{abstract}", "lora.target_modules": "[q_proj, v_proj]",
                        "train.max_steps": "", "data.packing": True, "quant.bits": "8"})

@@ -109,11 +109,18 @@ def _walk(root: Path, max_depth: int, skip: Path) -> Iterator[tuple[Path, list[s
         yield here, dirs, sorted(files)
 
 
+def _is_model_folder(files: list[str]) -> bool:
+    """config.json beside weights: a transformers model (or adapter) folder, whose JSON files are not data."""
+    return ("config.json" in files or "adapter_config.json" in files) and \
+        any(f.endswith((".safetensors", ".bin", ".gguf")) for f in files)
+
+
 def data_files(roots: Roots, max_depth: int = 4) -> list[str]:
     """Data files under the project (relative paths), for the form's file choices."""
     found = []
     for folder, _, files in _walk(roots.project, max_depth, roots.runs):
-        found += [str((folder / f).relative_to(roots.project)) for f in files if f.endswith(DATA_SUFFIXES)]
+        if not _is_model_folder(files):
+            found += [str((folder / f).relative_to(roots.project)) for f in files if f.endswith(DATA_SUFFIXES)]
         if len(found) >= MAX_CHOICES:
             break
     return found[:MAX_CHOICES]
@@ -123,6 +130,6 @@ def model_folders(roots: Roots, max_depth: int = 3) -> list[str]:
     """transformers model folders (config.json beside weights) under the project."""
     found = []
     for folder, _, files in _walk(roots.project, max_depth, roots.runs):
-        if "config.json" in files and any(f.endswith((".safetensors", ".bin", ".gguf")) for f in files):
+        if "config.json" in files and _is_model_folder(files):
             found.append(str(folder.relative_to(roots.project)) if folder != roots.project else ".")
     return found[:MAX_CHOICES]
