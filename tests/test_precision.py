@@ -110,3 +110,14 @@ def test_summary_names_config_and_full_fine_tuning_choices(model_dirs, data_file
     raw["method"], raw["generate"]["num_samples"] = method, 0
     result = run_training(config_from_dict(raw))
     assert result.precision == summary_precision(tmp_path / "run") == {"device": "cpu", **expected}
+
+
+@pytest.mark.parametrize(("capability", "native"), [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_cuda_auto_needs_native_bf16(monkeypatch, capability, native):
+    """Pre-Ampere GPUs emulate bf16 (torch.cuda.is_bf16_supported() says yes there by default): auto picks fp32."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    dtype, reason = choose_dtype("auto", torch.device("cuda"))
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert reason.startswith(f"CUDA device Test GPU (compute capability {capability[0]}.{capability[1]})")

@@ -100,13 +100,24 @@ def choose_dtype(precision: str, device: torch.device, full_finetune: bool = Fal
 
 def _device_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported():
-            return True, f"CUDA device {name} supports bf16"
-        return False, f"CUDA device {name} has no bf16"
+        return cuda_bf16(device)
     if device.type == "cpu":
         return cpu_bf16()
     return False, f"device {device.type}: bf16 not assumed"
+
+
+def cuda_bf16(device: torch.device) -> tuple[bool, str]:
+    """(native bf16?, why) for a CUDA device: compute capability 8.0+ (Ampere and later), or ROCm.
+
+    Not `torch.cuda.is_bf16_supported()`: by default it also says yes where bf16 is only emulated (pre-Ampere).
+    """
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip:
+        return True, f"ROCm device {name} computes bf16"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return True, f"CUDA device {name} (compute capability {major}.{minor}) computes bf16 natively"
+    return False, f"CUDA device {name} (compute capability {major}.{minor}) has no native bf16"
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
