@@ -1,6 +1,6 @@
 """A run killed with SIGKILL mid-training and resumed with `peftkit train --resume` ends with the
 same weights, bit for bit, as a run that was never interrupted (dropout on, so the RNG must be
-restored too; data order, optimizer and scheduler likewise)."""
+restored too; data order, optimizer and scheduler likewise), in fp32 and with a bf16 base."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -34,17 +35,19 @@ run_training(load_config(sys.argv[1]), on_step=slow)
 """
 
 
-def config(model_dirs, data_file, out) -> dict:
-    raw = tiny_run_config(model_dirs["llama"], data_file, out, epochs=3, save_every=2, eval_every=3, keep_checkpoints=2, lr=2e-2)
+def config(model_dirs, data_file, out, precision) -> dict:
+    raw = tiny_run_config(model_dirs["llama"], data_file, out, epochs=3, save_every=2, eval_every=3, keep_checkpoints=2, lr=2e-2,
+                          precision=precision)
     raw["lora"]["dropout"] = 0.1
     raw["generate"]["num_samples"] = 0
     return raw
 
 
-def test_sigkill_then_resume_is_bit_identical(model_dirs, data_file, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_then_resume_is_bit_identical(model_dirs, data_file, tmp_path, precision):
     killed_out, reference_out = tmp_path / "killed", tmp_path / "reference"
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(config(model_dirs, data_file, killed_out)))
+    cfg_file.write_text(yaml.safe_dump(config(model_dirs, data_file, killed_out, precision)))
     script = tmp_path / "slow_run.py"
     script.write_text(SLOW_RUN)
 
@@ -67,7 +70,7 @@ def test_sigkill_then_resume_is_bit_identical(model_dirs, data_file, tmp_path):
     assert "resumed from" in resumed.stderr
 
     with torch_threads():  # the subprocesses' thread count
-        reference = run_training(config_from_dict(config(model_dirs, data_file, reference_out)))
+        reference = run_training(config_from_dict(config(model_dirs, data_file, reference_out, precision)))
     mine, theirs = load_file(str(killed_out / "adapter/adapter_model.safetensors")), load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
     assert mine.keys() == theirs.keys() and len(mine) > 0
     for key in mine:
