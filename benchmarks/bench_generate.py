@@ -1,7 +1,9 @@
 """Greedy generation speed: the base model vs peftkit LoRA (merged, unmerged, mixed) vs HF PEFT.
 
-One invocation measures two workloads, each in fp32 on the CPU: the synthetic Llama of
-bench_train.py (hidden 512, 8 layers, vocab 32,000, seed 0) and the default model SmolLM2-135M.
+One invocation measures two workloads on the CPU, in each dtype of `--dtypes` (default fp32) and
+each batch size of `--batch`: the synthetic Llama of bench_train.py (hidden 512, 8 layers, vocab
+32,000, seed 0) and the default model SmolLM2-135M. The base is cast to the dtype after the
+adapters are made, so both stacks load the same fp32 adapter onto a base in that dtype.
 Every system decodes the SAME 8 prompts (random token ids, lengths 64..200, left-padded) with
 transformers' `generate`, greedy, exactly `--new-tokens` new tokens per row (EOS suppressed).
 The adapters are LoRA r8, alpha 16 on q_proj and v_proj with random non-zero B (std 0.02), saved
@@ -22,6 +24,12 @@ prefill included. Token agreement: rows whose greedy tokens equal HF PEFT's (sam
     flock /tmp/peftkit-heavy.lock nice -n 5 .venv/bin/python benchmarks/bench_generate.py
     python benchmarks/bench_generate.py --workloads synthetic --rounds 1 --no-results
     python benchmarks/bench_generate.py --workloads synthetic --profile "peftkit unmerged"
+    python benchmarks/bench_generate.py --workloads smollm2-135m --dtypes fp32,bf16 --batch 1,8 \
+        --systems "base,peftkit unmerged" --threads 2 --load 1 --no-results
+
+`--load N` starts a second process that multiplies fp32 matrices on N threads for the whole run
+(the contention of a shared machine, made repeatable); `--threads 1` vs `2` under it shows what
+OpenMP's spin-waiting costs when a core is taken.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import copy
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,31 +121,49 @@ def peftkit_model(base: torch.nn.Module, folders: dict[str, Path], names: tuple[
     return adapted.eval()
 
 
-def build_systems(base: torch.nn.Module, folders: dict[str, Path], batch: int) -> dict[str, System]:
+def build_systems(base: torch.nn.Module, folders: dict[str, Path], batch: int, only: list[str] | None) -> dict[str, System]:
+    """Every system, or the named ones (`--systems`); each builds only when it is asked for."""
     from peft import PeftModel
 
     from peftkit.serve.routing import enable_row_routing
 
     rows = [ADAPTERS[i % len(ADAPTERS)] for i in range(batch)]
-    merged = peftkit_model(base, folders, ADAPTERS[:1]).merge_and_unload()
-    wrapped = peftkit_model(base, folders, ADAPTERS[:1])
-    wrapped.merge_adapter()
-    mixed = peftkit_model(base, folders, ADAPTERS)
-    routing = enable_row_routing(mixed)
-    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(folders[ADAPTERS[0]]), adapter_name=ADAPTERS[0])
-    for name in ADAPTERS[1:]:
-        peft.load_adapter(str(folders[name]), adapter_name=name)
-    peft.set_adapter(ADAPTERS[0])
-    peft.eval()
-    return {
-        "base": System(base.eval()),
-        "peftkit merged (merge_and_unload)": System(merged.eval(), reference=PEFT_SINGLE),
-        "peftkit merged, wrapped (merge_adapter)": System(wrapped, reference=PEFT_SINGLE),
-        "peftkit unmerged": System(peftkit_model(base, folders, ADAPTERS[:1]), reference=PEFT_SINGLE),
-        PEFT_SINGLE: System(peft),
-        "peftkit mixed, 2 adapters": System(mixed, context=lambda: routing.route(rows), reference=PEFT_MIXED),
-        PEFT_MIXED: System(peft, kwargs={"adapter_names": rows}),
+
+    def peft() -> Any:
+        model = PeftModel.from_pretrained(copy.deepcopy(base), str(folders[ADAPTERS[0]]), adapter_name=ADAPTERS[0])
+        for name in ADAPTERS[1:]:
+            model.load_adapter(str(folders[name]), adapter_name=name)
+        model.set_adapter(ADAPTERS[0])
+        return model.eval()
+
+    def wrapped() -> Any:
+        model = peftkit_model(base, folders, ADAPTERS[:1])
+        model.merge_adapter()
+        return model
+
+    def mixed() -> System:
+        model = peftkit_model(base, folders, ADAPTERS)
+        routing = enable_row_routing(model)
+        return System(model, context=lambda: routing.route(rows), reference=PEFT_MIXED)
+
+    builders: dict[str, Callable[[], System]] = {
+        "base": lambda: System(base.eval()),
+        "peftkit merged (merge_and_unload)": lambda: System(
+            peftkit_model(base, folders, ADAPTERS[:1]).merge_and_unload().eval(), reference=PEFT_SINGLE),
+        "peftkit merged, wrapped (merge_adapter)": lambda: System(wrapped(), reference=PEFT_SINGLE),
+        "peftkit unmerged": lambda: System(peftkit_model(base, folders, ADAPTERS[:1]), reference=PEFT_SINGLE),
+        PEFT_SINGLE: lambda: System(peft()),
+        "peftkit mixed, 2 adapters": mixed,
+        PEFT_MIXED: lambda: System(peft(), kwargs={"adapter_names": rows}),
     }
+    unknown = set(only or []) - set(builders)
+    if unknown:
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {list(builders)}")
+    systems = {key: build() for key, build in builders.items() if only is None or key in only}
+    for system in systems.values():
+        if system.reference not in systems:
+            system.reference = None
+    return systems
 
 
 def generate_fn(system: System, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, new_tokens: int,
@@ -170,11 +197,12 @@ def same_rows(a: list[list[int]], b: list[list[int]]) -> int:
     return sum(x == y for x, y in zip(a, b))
 
 
-def workload_table(workload: str, times: dict[str, list[float]], outputs: dict[str, list[list[int]]],
+def workload_table(title: str, times: dict[str, list[float]], outputs: dict[str, list[list[int]]],
                    systems: dict[str, System], batch: int, new_tokens: int) -> str:
-    base = statistics.median(times["base"])
+    first = next(iter(times))
+    base = statistics.median(times["base" if "base" in times else first])
     lines = [
-        f"### {workload}", "",
+        f"### {title}", "",
         "| system | tokens/s (median) | batch time, median (s) | range (s) | x base tokens/s | rows differing from base | rows equal to HF PEFT |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -182,7 +210,7 @@ def workload_table(workload: str, times: dict[str, list[float]], outputs: dict[s
         median = statistics.median(times[key])
         ref = system.reference
         agree = f"{same_rows(outputs[key], outputs[ref])}/{batch}" if ref else "—"
-        differ = f"{batch - same_rows(outputs[key], outputs['base'])}/{batch}" if key != "base" else "—"
+        differ = f"{batch - same_rows(outputs[key], outputs['base'])}/{batch}" if key != "base" and "base" in outputs else "—"
         lines.append(f"| {key} | {batch * new_tokens / median:.1f} | {median:.2f} | {min(times[key]):.2f}–{max(times[key]):.2f} "
                      f"| {base / median:.3f} | {differ} | {agree} |")
     return "\n".join(lines) + "\n"
@@ -194,12 +222,22 @@ def report(tables: list[str], args: argparse.Namespace, loads: tuple[float, floa
         f"Command: `{command.strip()}`", "",
         (f"Machine: {machine()}. Run {time.strftime('%Y-%m-%d %H:%M %Z')}, {seconds:.0f} s in all; 1-minute load average "
          f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end (a shared machine: compare rows within one run)."), "",
-        (f"Greedy `generate`, fp32, batch {args.batch} prompts of {LENGTHS[0]}..{LENGTHS[1]} random tokens, exactly "
+        (f"Greedy `generate`, {args.dtypes}, batch {args.batch} prompts of {LENGTHS[0]}..{LENGTHS[1]} random tokens, exactly "
          f"{args.new_tokens} new tokens per row; LoRA r{RANK} alpha {ALPHA} on q,v with random B (std {B_STD}); "
          f"one warm-up batch per system, then {args.rounds} rounds round-robin; tokens/s from the median batch time "
-         "(prefill included). Mixed rows alternate two adapters."), "",
+         "(prefill included). Mixed rows alternate two adapters."
+         + (f" A second process multiplied fp32 matrices on {args.load} thread(s) throughout." if args.load else "")), "",
         *tables,
     ])
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOAD_SCRIPT = "import torch\ntorch.set_num_threads({threads})\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+
+
+def competing_load(threads: int) -> subprocess.Popen:
+    """A second process that keeps `threads` cores busy with fp32 matmuls until killed."""
+    return subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT.format(threads=threads)])
 
 
 def append_results(path: Path, text: str) -> None:
@@ -212,7 +250,10 @@ def append_results(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="synthetic,smollm2-135m", help="comma-separated: synthetic, smollm2-135m")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", default="8", help="batch size(s), comma-separated: 1,8")
+    parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16")
+    parser.add_argument("--systems", help="comma-separated system names (default: all)")
+    parser.add_argument("--load", type=int, default=0, help="threads of a competing matmul process run alongside (0: none)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); 1 avoids OpenMP spin-waits on a busy CPU")
@@ -228,22 +269,33 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    only = args.systems.split(",") if args.systems else None
+    competitor = competing_load(args.load) if args.load else None
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     tables = []
-    for workload in args.workloads.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            base, pad_id = load_workload(workload, Path(tmp))
-            prompts = make_prompts(base.config.vocab_size, args.batch)
-            ids, mask = left_pad(prompts, pad_id)
-            systems = build_systems(base, make_adapters(base, Path(tmp) / "adapters"), args.batch)
-            outputs: dict[str, list[list[int]]] = {}
-            runs = {key: generate_fn(s, ids, mask, pad_id, args.new_tokens, outputs, key) for key, s in systems.items()}
-            if args.profile:
-                sys.stdout.write(profile(runs[args.profile], f"{args.profile} on {workload}"))
-                continue
-            times = interleaved(runs, args.rounds)
-        tables.append(workload_table(workload, times, outputs, systems, args.batch, args.new_tokens))
-        print(tables[-1], flush=True)
+    try:
+        for workload in args.workloads.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                fp32_base, pad_id = load_workload(workload, Path(tmp))
+                folders = make_adapters(fp32_base, Path(tmp) / "adapters")
+                for dtype_name in args.dtypes.split(","):
+                    base = copy.deepcopy(fp32_base).to(DTYPES[dtype_name])
+                    for batch in [int(b) for b in args.batch.split(",")]:
+                        title = f"{workload}, {dtype_name}, batch {batch}"
+                        ids, mask = left_pad(make_prompts(base.config.vocab_size, batch), pad_id)
+                        systems = build_systems(base, folders, batch, only)
+                        outputs: dict[str, list[list[int]]] = {}
+                        runs = {key: generate_fn(s, ids, mask, pad_id, args.new_tokens, outputs, key) for key, s in systems.items()}
+                        if args.profile:
+                            sys.stdout.write(profile(runs[args.profile], f"{args.profile} on {title}"))
+                            continue
+                        times = interleaved(runs, args.rounds)
+                        tables.append(workload_table(title, times, outputs, systems, batch, args.new_tokens))
+                        print(tables[-1], flush=True)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
     if args.profile:
         return
     text = report(tables, args, (load_start, os.getloadavg()[0]), time.perf_counter() - start)
