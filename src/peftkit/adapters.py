@@ -396,10 +396,10 @@ def peft_task_type(model: nn.Module) -> str | None:
 
 def _belongs_to(key: str, name: str) -> bool:
     """Is state/parameter `key` part of adapter `name`? (`...lora_A.<name>.weight`, or `...adaption_gate.<name>`)"""
-    return any(f".{attr}.{name}." in key or key.endswith(f".{attr}.{name}") for attr in _adapter_attrs())
+    return any(f".{attr}.{name}." in key or key.endswith(f".{attr}.{name}") for attr in adapter_containers())
 
 
-def _adapter_attrs() -> set[str]:
+def adapter_containers() -> set[str]:
     """Names of the per-adapter containers of every adapter layer class (lora_A, modules_to_save...)."""
     seen, stack = set(), [AdapterLayerMixin]
     while stack:
@@ -412,7 +412,7 @@ def _adapter_attrs() -> set[str]:
 def _strip_adapter_name(key: str, name: str) -> str:
     """`x.lora_A.default.weight` -> `x.lora_A.weight`; `head.modules_to_save.default.weight` -> `head.weight`."""
     key = key.replace(f".modules_to_save.{name}.", ".")
-    for attr in _adapter_attrs():
+    for attr in adapter_containers():
         key = key.replace(f".{attr}.{name}.", f".{attr}.")
         if key.endswith(f".{attr}.{name}"):  # a ParameterDict entry: `...adaption_gate.<name>` -> `...adaption_gate`
             key = key[: -len(name) - 1]

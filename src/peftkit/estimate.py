@@ -30,7 +30,7 @@ from torch import nn
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from .adapters import AdaptedModel
+from .adapters import AdaptedModel, adapter_containers
 from .architectures import architecture_of
 from .config import RunConfig
 from .data.datasets import load_tasks
@@ -161,9 +161,15 @@ def dequantized_bytes(adapted: nn.Module, cfg: RunConfig) -> int:
 OUTPUT_PROJECTIONS = {"o_proj", "down_proj", "c_proj", "o", "wo", "out_proj", "fc2", "dense_4h_to_h", "dense"}
 
 
-# Parameters an adapter adds inside a block: the base's weights there stay frozen, so the block keeps
-# the frozen path's activations plus the adapter's own (names as the method files register them).
-ADAPTER_PARAMETERS = (".lora_", ".adapter_down.", ".adapter_up.", ".adaption_prompt.", ".adaption_gate.")
+BASE_COPIES = {"selective_params", "modules_to_save"}
+"""Adapter containers that hold trained copies of base tensors (the block trains like the base would)."""
+
+
+def adapter_parameter_marks() -> tuple[str, ...]:
+    """Path pieces of parameters an adapter adds inside a block (`.lora_A.`, `.ia3_l.`...), read from every
+    adapter layer class: the base's weights there stay frozen, so the block keeps the frozen path's activations
+    plus the adapter's own."""
+    return tuple(f".{name}." for name in sorted(adapter_containers() - BASE_COPIES))
 
 
 def block_floats(adapted: nn.Module, hidden: int, mlp: int) -> list[float]:
@@ -179,13 +185,14 @@ def block_floats(adapted: nn.Module, hidden: int, mlp: int) -> list[float]:
     norm_inputs: dict[tuple[str, int], float] = {}
     adapted_blocks: set[tuple[str, int]] = set()
     input_side = False
+    marks = adapter_parameter_marks()
     embedding = _module_path(adapted.model, adapted.model.get_input_embeddings())
     for path, param in adapted.model.named_parameters():
         position = block_position(path)
         if position is None:
             input_side = input_side or (param.requires_grad and path.startswith(embedding + "."))
             continue
-        owned_by_adapter = any(name in path for name in ADAPTER_PARAMETERS)
+        owned_by_adapter = any(mark in path for mark in marks)
         trained_matrices[position] = trained_matrices.get(position, False) or (
             param.requires_grad and param.ndim >= 2 and not owned_by_adapter)
         if param.requires_grad and owned_by_adapter:
