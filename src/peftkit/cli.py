@@ -370,6 +370,8 @@ def serve(
     kv_cache_tokens: int = typer.Option(32768, min=1, help="KV-cache budget in tokens; requests that do not fit wait."),
     max_choices: int = typer.Option(16, min=1, help="Largest n / best_of of one request."),
     drain_seconds: float = typer.Option(10.0, min=0, help="On SIGTERM: how long requests in flight may finish."),
+    adapter_dir: Optional[Path] = typer.Option(None, "--adapter-dir", help="Serve every adapter folder under DIR by its name, loaded on first request."),
+    max_adapters: int = typer.Option(32, min=1, help="Most adapters resident at once (with --adapter-dir: least recently used evicted)."),
     max_prompt_tokens: int = typer.Option(2048, min=1, help="Longest prompt accepted, in tokens."),
     max_tokens: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
     max_concurrent: int = typer.Option(64, min=1, help="Requests in flight at once (429 above)."),
@@ -385,8 +387,10 @@ def serve(
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_prompt_tokens=max_prompt_tokens,
         max_tokens_limit=max_tokens, max_concurrent=max_concurrent, max_body_bytes=max_body_bytes,
         api_key=api_key, adapter_root=adapter_root, batching=batching, kv_cache_tokens=kv_cache_tokens,
-        max_choices=max_choices, drain_seconds=drain_seconds,
+        max_choices=max_choices, drain_seconds=drain_seconds, adapter_dir=adapter_dir, max_adapters=max_adapters,
     )
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise PeftkitError(f"--adapter-dir {adapter_dir}: no such folder")
     if batching not in ("continuous", "static"):
         raise PeftkitError(f"--batching {batching!r}: choose continuous or static")
     if adapter_root is not None and not adapter_root.is_dir():

@@ -2,9 +2,15 @@
 
     GET  /health                      liveness (no key needed)
     GET  /openapi.json                the API's OpenAPI document (no key needed)
-    GET  /v1/models                   the base and every adapter, by the name requests use
-    POST /v1/completions              `model` picks the base or an adapter; `stream` for SSE
-    POST /v1/chat/completions         messages through the tokenizer's chat template
+    GET  /v1/models                   the base and every adapter (parent = the base), by the name requests use
+    GET  /v1/models/{id}              one of them
+    POST /v1/completions              `model` picks the base or an adapter; text or token ids; logprobs, echo, n
+    POST /v1/chat/completions         messages through the tokenizer's chat template; logprobs
+    POST /tokenize, /detokenize       vLLM's tokenizer routes (lm-evaluation-harness finds the tokenizer here)
+    GET  /tokenizer_info              eos / bos / pad tokens and the chat template
+    GET  /metrics                     Prometheus text: requests, tokens, queue, TTFT and latency histograms
+    POST /v1/load_lora_adapter        vLLM's {lora_name, lora_path} (admin key; under --adapter-root)
+    POST /v1/unload_lora_adapter      vLLM's {lora_name} (admin key)
     POST /admin/adapters              {name, path}: load an adapter from under --adapter-root
     POST /admin/adapters/combine      {name, adapters, weights, how, rank}: a weighted combination
     DELETE /admin/adapters/{name}     unload
@@ -23,16 +29,21 @@ from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import PeftkitError
 from .engine import Engine
 from .errors import ApiError, install_error_handlers, parse_body, read_json
+from .metrics import ServerMetrics
 from .openapi import openapi_document
 from .responses import EventStream, Kind, PromptChoices, collect, sse_chunks, whole_response
 from .sampling import SamplingParams
-from .schemas import ChatRequest, CombineRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest
+from .schemas import (
+    ChatRequest, CombineRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest, VllmLoadRequest,
+    VllmUnloadRequest,
+)
 from .security import confined_adapter_dir, key_matches
 
 
@@ -50,7 +61,20 @@ def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="peftkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.in_flight = 0
+    app.state.metrics = metrics = ServerMetrics(engine)
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.http.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     _add_public_routes(app, engine)
     _add_tokenizer_routes(app, engine)
     _add_admin_routes(app, engine)
@@ -86,12 +110,15 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         require_key(request, engine)
-        return {"object": "list", "data": [_model_card(engine, name) for name in engine.model_names()]}
+        names = engine.model_names()
+        names += [n for n in engine.available_adapters() if n not in names]  # served on first request
+        return {"object": "list", "data": [_model_card(engine, name) for name in names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict[str, Any]:
         require_key(request, engine)
-        engine.resolve(model_id)
+        if model_id not in engine.available_adapters():
+            engine.resolve(model_id)
         return _model_card(engine, model_id)
 
     @app.post("/v1/completions")
@@ -101,7 +128,7 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
         prompts = body.prompts()
         if len(prompts) > engine.settings.max_prompts_per_request:
             raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {engine.settings.max_prompts_per_request}", "prompt")
-        adapter = engine.resolve(body.model)
+        adapter = await _resolve(engine, body.model)
         for prompt in prompts:
             if isinstance(prompt, list):
                 engine.check_prompt_ids(prompt)
@@ -112,9 +139,15 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
     async def chat(request: Request) -> Any:
         require_key(request, engine)
         body = parse_body(ChatRequest, await read_json(request, engine.settings.max_body_bytes))
-        adapter = engine.resolve(body.model)
+        adapter = await _resolve(engine, body.model)
         messages = [m.as_template_message() for m in body.messages]
         return await _generate(app, engine, request, body, "chat", [("", lambda: engine.encode_chat(adapter, messages))])
+
+
+async def _resolve(engine: Engine, model: str) -> str | None:
+    """The adapter `model` names, loaded first from --adapter-dir when it is not resident (off the event loop)."""
+    await run_in_threadpool(engine.ensure_adapter, model)
+    return engine.resolve(model)
 
 
 def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
@@ -165,6 +198,7 @@ async def _generate(
         finally:
             stream.cancel()
             app.state.in_flight -= count
+            app.state.metrics.finished(body.model, seqs)
         return whole_response(kind, body.model, prompts, body.n, echo, engine.token_text)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -175,6 +209,7 @@ async def _generate(
         finally:
             stream.cancel()
             app.state.in_flight -= count
+            app.state.metrics.finished(body.model, seqs)
 
     return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -220,6 +255,8 @@ def _model_card(engine: Engine, name: str) -> dict[str, Any]:
             "max_model_len": engine.context_length}
     if name in engine.adapters:
         card.update(parent=None if engine.merged else engine.base_name, root=engine.adapters[name].source)
+    elif name != engine.base_name and engine.settings.adapter_dir is not None:  # on disk, loaded on first request
+        card.update(parent=engine.base_name, root=str(engine.settings.adapter_dir / name))
     else:
         card.update(parent=None, root=engine.base_source)
     return card
@@ -231,7 +268,7 @@ def _add_tokenizer_routes(app: FastAPI, engine: Engine) -> None:
     async def tokenize(request: Request) -> dict[str, Any]:
         require_key(request, engine)
         body = parse_body(TokenizeRequest, await read_json(request, engine.settings.max_body_bytes))
-        adapter = engine.resolve(body.model) if body.model else None
+        adapter = await _resolve(engine, body.model) if body.model else None
         if body.messages is not None:
             messages = [m.as_template_message() for m in body.messages]
             ids = await run_in_threadpool(_tokenize, lambda: engine.encode_chat(adapter, messages))
@@ -280,6 +317,24 @@ def _add_admin_routes(app: FastAPI, engine: Engine) -> None:
         body = parse_body(CombineRequest, await read_json(request, engine.settings.max_body_bytes))
         await run_in_threadpool(engine.combine, body.name, body.adapters, body.weights, body.how, body.rank)
         return JSONResponse(_model_card(engine, body.name), status_code=201)
+
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(request: Request) -> PlainTextResponse:
+        require_admin(request, engine)
+        body = parse_body(VllmLoadRequest, await read_json(request, engine.settings.max_body_bytes))
+        root = engine.settings.adapter_root or engine.settings.adapter_dir
+        if root is None:
+            raise ApiError(403, "loading adapters at run time is disabled: start the server with --adapter-root DIR")
+        folder = confined_adapter_dir(root, body.lora_path)
+        await run_in_threadpool(engine.load_adapter, body.lora_name, folder)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(request: Request) -> PlainTextResponse:
+        require_admin(request, engine)
+        body = parse_body(VllmUnloadRequest, await read_json(request, engine.settings.max_body_bytes))
+        await run_in_threadpool(engine.unload_adapter, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.delete("/admin/adapters/{name}")
     async def unload_adapter(name: str, request: Request) -> dict[str, Any]:

@@ -103,6 +103,11 @@ class Scheduler:
         """Requests whose client left before they ran are forgotten."""
         self._items = deque(item for item in self._items if not item[2].cancelled.is_set())
 
+    def adapters(self) -> set[str | None]:
+        """The adapters waiting requests need (so they are not evicted under them)."""
+        with self._ready:
+            return {s.adapter for _, _, s in self._items}
+
     def drain(self) -> list[Sequence]:
         """Everything still queued (to fail it at shutdown)."""
         with self._ready:

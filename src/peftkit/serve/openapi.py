@@ -19,7 +19,10 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from .. import __version__
-from .schemas import ChatRequest, CombineRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest
+from .schemas import (
+    ChatRequest, CombineRequest, CompletionRequest, DetokenizeRequest, LoadAdapterRequest, TokenizeRequest, VllmLoadRequest,
+    VllmUnloadRequest,
+)
 from .settings import ServeSettings
 
 REF = "#/components/schemas/{model}"
@@ -62,6 +65,7 @@ MODEL_LIST = {"type": "object", "required": ["object", "data"],
 DELETED = {"type": "object", "required": ["id", "deleted"], "properties": {"id": {"type": "string"}, "deleted": {"const": True}}}
 HEALTH = {"type": "object", "required": ["status", "models"],
           "properties": {"status": {"const": "ok"}, "models": {"type": "array", "items": {"type": "string"}}}}
+TEXT = {"type": "string", "description": "plain text (vLLM's answer to adapter loads and unloads)"}
 STREAM = {"type": "string", "description": "server-sent events: `data: {chunk}` lines, then `data: [DONE]`"}
 
 # path -> method -> (request body model or None, success status, success schema, streams?, error statuses)
@@ -76,6 +80,8 @@ ENDPOINTS: dict[str, dict[str, tuple[type[BaseModel] | None, int, dict[str, Any]
     "/tokenize": {"post": (TokenizeRequest, 200, TOKENIZED, False, (400, 401, 404, 413, 415))},
     "/detokenize": {"post": (DetokenizeRequest, 200, DETOKENIZED, False, (400, 401, 404, 413, 415))},
     "/tokenizer_info": {"get": (None, 200, TOKENIZER_INFO, False, (401,))},
+    "/v1/load_lora_adapter": {"post": (VllmLoadRequest, 200, TEXT, False, ADMIN_ERRORS)},
+    "/v1/unload_lora_adapter": {"post": (VllmUnloadRequest, 200, TEXT, False, ADMIN_ERRORS)},
     "/admin/adapters": {"post": (LoadAdapterRequest, 201, MODEL_CARD, False, ADMIN_ERRORS)},
     "/admin/adapters/combine": {"post": (CombineRequest, 201, MODEL_CARD, False, ADMIN_ERRORS)},
     "/admin/adapters/{name}": {"delete": (None, 200, DELETED, False, (401, 403, 404, 409))},
@@ -104,7 +110,7 @@ def openapi_document(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
     for path, methods in ENDPOINTS.items():
         for method, (body, status, success, streams, errors) in methods.items():
             operation = doc["paths"][path][method]
-            content = {"application/json": {"schema": success}}
+            content = {"text/plain" if success is TEXT else "application/json": {"schema": success}}
             if streams:
                 content["text/event-stream"] = {"schema": STREAM}
             operation["responses"] = {str(status): {"description": "success", "content": content},

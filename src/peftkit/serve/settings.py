@@ -33,7 +33,9 @@ class ServeSettings:
     max_prompts_per_request: int = 16
     """Longest list of prompts in one completion request."""
     max_adapters: int = 32
-    """Most adapters loaded at once (admin loads beyond it are refused)."""
+    """Most adapters resident at once: admin loads beyond it are refused; with adapter_dir the least recently used goes."""
+    adapter_dir: Path | None = None
+    """Every adapter folder under it is served by its folder name, loaded on its first request (LoRAX-style)."""
     drain_seconds: float = 10.0
     """On SIGTERM: how long requests in flight may finish before they are cancelled and the process exits."""
     api_key: str | None = None
