@@ -60,8 +60,13 @@ async function showNew() {
   $("#run-form").addEventListener("input", onFormChange);
   $("#run-form").addEventListener("change", onFormChange);
   $("#run-form").addEventListener("submit", launch);
-  $("#copy-yaml").addEventListener("click", () => navigator.clipboard.writeText($("#yaml").textContent));
+  $("#copy-yaml").addEventListener("click", copyYaml);
   onFormChange();
+}
+
+function copyYaml() {  // the Clipboard API exists on 127.0.0.1 / https only; elsewhere, select the text for Ctrl-C
+  if (navigator.clipboard) { navigator.clipboard.writeText($("#yaml").textContent); return; }
+  getSelection().selectAllChildren($("#yaml"));
 }
 
 function datalist(id, items) { return el("datalist", { id }, ...items.map((v) => el("option", { value: v }))); }
