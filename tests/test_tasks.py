@@ -160,6 +160,8 @@ def test_embedding_training_improves_retrieval_and_writes_the_run(embedding_run)
     run = result.output_dir
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in records if "val_mrr" in r] and any("adapter_mrr" in r for r in records)
+    summary = json.loads((run / "summary.json").read_text())  # the encoder objective's report plus the loop's precision
+    assert summary["precision"] == {"device": "cpu", "dtype": "fp32", "reason": "precision: fp32 in config"} and "adapter" in summary
     raw = json.loads((run / "adapter/adapter_config.json").read_text())
     assert raw["task_type"] == "FEATURE_EXTRACTION" and json.loads((run / "adapter/peftkit.json").read_text())["task"] == "embedding"
 
