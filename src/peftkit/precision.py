@@ -1,11 +1,11 @@
 """Pick the compute dtype of a run, and say why.
 
-`precision: auto` means bf16 where the device computes it natively, else fp32: a CUDA device
-that supports bf16; a CPU whose flags list AMX-BF16 or AVX512-BF16 (on an AVX2-only CPU bf16 is
-emulated and many times slower than fp32). `PEFTKIT_CPU_BF16=1` (or `0`) overrides the CPU
+`precision: auto` means bf16 where the device computes it natively, else fp32: a CUDA device of
+compute capability 8.0+ (or ROCm); a CPU whose flags list AMX-BF16 or AVX512-BF16 (on an AVX2-only
+CPU bf16 is emulated, ~100x slower than fp32). `PEFTKIT_CPU_BF16=1` (or `0`) overrides the CPU
 detection, so tests and CI can exercise both outcomes on any host.
 
-Example:
+Example (on an AVX2-only CPU):
     >>> dtype, reason = choose_dtype("auto", torch.device("cpu"))
     >>> dtype_name(dtype), reason
     ('fp32', 'CPU has no native bf16 (AVX2 only)')
