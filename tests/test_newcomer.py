@@ -69,6 +69,21 @@ def test_2_progress_lines_in_a_pipe(run):
     assert "nan" not in result.stdout
 
 
+def test_2_progress_lines_every_n_steps_or_m_seconds():
+    from peftkit.train.logs import StepLog
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = StepLog(lines.append, every_steps=50, every_seconds=30.0, clock_fn=lambda: now[0])
+    bar = progress.add_task("train", total=200, completed=100, loss=float("nan"), tps=0.0)  # a resumed run
+    for step in range(101, 201):
+        now[0] += 2.0  # 2 s per step: a line every 15 steps (30 s) comes before every 50 steps
+        progress.update(bar, completed=step, loss=1.0 / step, tps=800.0)
+    assert lines[0] == "train 100/200: starting"
+    assert lines[1] == "train 115/200: loss 0.0087, 800 tok/s, elapsed 0:30, ETA 2:50", "ETA from this run's own pace"
+    assert [line.split(":")[0] for line in lines[2:]] == [f"train {s}/200" for s in (130, 145, 160, 175, 190, 200)]
+
+
 def test_4_a_file_replaces_the_built_in_dataset(run):
     root, result = run
     data = root / "papers.jsonl"

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,7 +138,7 @@ class _Task:
     """Where this task was when it began (a resumed run starts past 0): the ETA counts from here."""
     shown_at: float = 0.0
     shown_completed: int = -1
-    finished: bool = field(default=False)
+    finished: bool = False
 
 
 class StepLog:
