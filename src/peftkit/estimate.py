@@ -126,9 +126,14 @@ def quantized_bytes(numel: int, out_features: int, quant: QuantConfig) -> float:
     return numel / 2 + scales + code
 
 
+def quantizes_base(cfg: RunConfig) -> bool:
+    """Does the run's method store the frozen base quantized? (the one whose registry entry declares `quant:`)"""
+    return "quant" in get_method(cfg.method).sections
+
+
 def weight_bytes(adapted: nn.Module, cfg: RunConfig, dtype_bytes: int) -> float:
     """Frozen base in the run's dtype (quantized layers as bitsandbytes stores them); trained tensors in fp32."""
-    quantized = set(quantizable_paths(adapted.model, cfg.quant)) if cfg.method == "qlora" else set()
+    quantized = set(quantizable_paths(adapted.model, cfg.quant)) if quantizes_base(cfg) else set()
     total, seen = 0.0, set()
     for path, module in adapted.model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -147,7 +152,7 @@ def weight_bytes(adapted: nn.Module, cfg: RunConfig, dtype_bytes: int) -> float:
 def dequantized_bytes(adapted: nn.Module, cfg: RunConfig) -> int:
     """fp32 copies of the quantized weights: bitsandbytes' CPU path dequantizes each layer's weight in
     every forward and backward; freed, they leave that much more slack in malloc's heaps."""
-    if cfg.method != "qlora":
+    if not quantizes_base(cfg):
         return 0
     modules = dict(adapted.model.named_modules())
     return sum(4 * modules[path].weight.numel() for path in quantizable_paths(adapted.model, cfg.quant))
@@ -270,7 +275,7 @@ def run_batches(cfg: RunConfig) -> list[BatchShape]:
 def estimate_memory(cfg: RunConfig, batches: list[BatchShape] | None = None) -> MemoryEstimate:
     """Peak training memory of `cfg` over `batches` (default: the run's own batches, from its data)."""
     device = resolve_device(cfg.train.device)
-    dtype, _ = choose_dtype(cfg.train.precision, device, full_finetune=cfg.method == "full")
+    dtype, _ = choose_dtype(cfg.train.precision, device, full_finetune=get_method(cfg.method).section is None)
     dtype_bytes = torch.finfo(dtype).bits // 8
     adapted = meta_model(cfg)
     trainable, total = adapted.trainable_counts()
