@@ -135,6 +135,12 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
         encoders = [(_prompt_text(engine, p) if body.echo else "", _completion_encoder(engine, adapter, p)) for p in prompts]
         return await _generate(app, engine, request, body, "completion", encoders, echo=body.echo)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        require_key(request, engine)
+        raise ApiError(400, "this server generates text; embeddings come from a server started with an embedding adapter "
+                            "(peftkit serve --adapter NAME=runs/<embedding run>/adapter)", "model")
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         require_key(request, engine)

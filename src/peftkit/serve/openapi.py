@@ -53,6 +53,7 @@ def _generation_response(obj: str, choice_key: str, choice_schema: dict[str, Any
 TOKENIZED = {"type": "object", "required": ["count", "max_model_len", "tokens"],
              "properties": {"count": {"type": "integer"}, "max_model_len": {"type": "integer"},
                             "tokens": {"type": "array", "items": {"type": "integer"}}}}
+EMBEDDINGS = {"type": "object", "required": ["object", "data"], "description": "from a server of embedding adapters only"}
 DETOKENIZED = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
 TOKENIZER_INFO = {"type": "object", "required": ["eos_token"], "properties": {"eos_token": {"type": ["string", "null"]}}}
 COMPLETION = _generation_response("text_completion", "text", {"type": "string"})
@@ -77,6 +78,7 @@ ENDPOINTS: dict[str, dict[str, tuple[type[BaseModel] | None, int, dict[str, Any]
     "/v1/models/{model_id}": {"get": (None, 200, MODEL_CARD, False, (401, 404))},
     "/v1/completions": {"post": (CompletionRequest, 200, COMPLETION, True, GENERATION_ERRORS)},
     "/v1/chat/completions": {"post": (ChatRequest, 200, CHAT, True, GENERATION_ERRORS)},
+    "/v1/embeddings": {"post": (None, 200, EMBEDDINGS, False, (400, 401))},
     "/tokenize": {"post": (TokenizeRequest, 200, TOKENIZED, False, (400, 401, 404, 413, 415))},
     "/detokenize": {"post": (DetokenizeRequest, 200, DETOKENIZED, False, (400, 401, 404, 413, 415))},
     "/tokenizer_info": {"get": (None, 200, TOKENIZER_INFO, False, (401,))},

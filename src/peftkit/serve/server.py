@@ -15,6 +15,7 @@ from ..adapters import read_adapter_config, read_sidecar
 from ..errors import AdapterError, ConfigError
 from ..models import BUILTIN_MODELS
 from .app import create_app
+from .embeddings import EmbeddingService, create_embedding_app, is_embedding_adapter
 from .engine import Engine
 from .settings import ServeSettings
 
@@ -69,7 +70,12 @@ def run_server(
 
     if not is_loopback(host) and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it (set PEFTKIT_API_KEY)", host)
-    model = model or base_of(adapters)
-    engine = Engine.from_paths(model, adapters, settings, merge=merge, device=device, precision=precision, base_name=base_name)
-    log.info("serving %s on http://%s:%d/v1", ", ".join(engine.model_names()), host, port)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="info", timeout_graceful_shutdown=settings.drain_seconds)
+    if adapters and is_embedding_adapter(next(iter(adapters.values()))):  # an encoder's embedding adapters: /v1/embeddings
+        service = EmbeddingService.from_paths(adapters, model, settings, device, precision, base_name)
+        names, app = service.model_names(), create_embedding_app(service)
+    else:
+        engine = Engine.from_paths(model or base_of(adapters), adapters, settings, merge=merge, device=device,
+                                   precision=precision, base_name=base_name)
+        names, app = engine.model_names(), create_app(engine)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(names), host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=settings.drain_seconds)
