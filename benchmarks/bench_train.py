@@ -249,7 +249,7 @@ def run_peftkit(system: str, config: Path, folder: Path, round_: int, env: dict[
         "stamps": [0.0, *[r["elapsed_s"] for r in steps]],
         "lengths": [[len(e["input_ids"]) for e in b] for b in batches[: len(steps)]],
         "losses": [r["loss"] for r in steps], "held_out_loss": [r for r in records if "val_loss" in r][-1]["val_loss"],
-        "wall_s": wall, "peak_gb": rss, "dtype": summary.get("dtype", decided),
+        "wall_s": wall, "peak_gb": rss, "dtype": summary.get("precision", {}).get("dtype", decided),
     }
 
 
