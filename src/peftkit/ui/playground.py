@@ -55,7 +55,7 @@ class ServeProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "peftkit.cli", "serve", "--model", base, "--base-name", "base",
+                [sys.executable, "-m", "peftkit.cli", "serve", "--model", base, "--served-model-name", "base",
                  "--adapter-root", str(roots.runs), "--port", str(self.port), "--max-wait-ms", "5"],
                 cwd=roots.project, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PEFTKIT_API_KEY": self.key},
