@@ -9,6 +9,7 @@ Under torchrun every rank takes part in gathering the state; rank 0 alone writes
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -97,9 +98,18 @@ def save_checkpoint(
                 torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs}, f)
             (tmp / STATE_FILE).write_text(json.dumps({**progress, "world_size": info.world_size}, indent=2, sort_keys=True) + "\n")
         for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            prune(old)
     barrier(info)
     return path
+
+
+def prune(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves part of it under its name: it is renamed
+    to a temp name first (which `io.recover_interrupted_writes` clears), then removed."""
+    doomed = path.with_name(f".{path.name}.pruned.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
