@@ -202,7 +202,7 @@ def generate(
 
     if adapter is None and model is None:
         raise PeftkitError("give --adapter PATH or --model NAME")
-    loaded = load_artifact(adapter, model)
+    loaded = load_artifact(adapter, model, precision="auto")  # the host's faster dtype: bf16 only where native
     rows = prompt_rows(loaded.format, prompt)
     decoding = {"max_new_tokens": max_new_tokens, "do_sample": sample, "repetition_penalty": repetition_penalty,
                 "no_repeat_ngram_size": no_repeat_ngram_size}
@@ -376,7 +376,7 @@ def serve(
     max_tokens: int = typer.Option(512, min=1, help="Largest max_tokens a request may ask for."),
     max_concurrent: int = typer.Option(64, min=1, help="Requests in flight at once (429 above)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body (413 above)."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or auto."),
+    precision: str = typer.Option("auto", help="auto (bf16 where the device computes it natively, else fp32), bf16 or fp32."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Serve the base and adapters over an OpenAI-compatible HTTP API (the request's `model` picks one)."""

@@ -63,7 +63,7 @@ def is_loopback(host: str) -> bool:
 
 def run_server(
     model: str | None, adapters: dict[str, Path], settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-    merge: bool = False, device: str = "auto", precision: str = "fp32", base_name: str | None = None,
+    merge: bool = False, device: str = "auto", precision: str = "auto", base_name: str | None = None,
 ) -> None:
     """Load everything, then serve until interrupted."""
     import uvicorn
