@@ -86,7 +86,7 @@ def test_merge_writes_a_plain_transformers_checkpoint(trained):
         (["train", "--set", "lora.r=0"], "lora.r: must be at least 1"),
         (["train", "--set", "methd=lora"], "did you mean 'method'"),
         (["train", "missing.yaml"], "config file not found"),
-        (["inspect", "/nonexistent/adapter"], "no such adapter folder"),
+        (["inspect", "/nonexistent/adapter"], "no such adapter or model folder"),
         (["train", "--set", "model=./no/such/folder", "--set", "data.dataset=aclsum/outcome"], "no such folder"),
         (["train", "--set", "data.dataset=null", "--set", "data.train=nope.jsonl"], "data file not found"),
     ],

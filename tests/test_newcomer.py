@@ -84,6 +84,18 @@ def test_2_progress_lines_every_n_steps_or_m_seconds():
     assert [line.split(":")[0] for line in lines[2:]] == [f"train {s}/200" for s in (130, 145, 160, 175, 190, 200)]
 
 
+def test_2_the_terminal_bar_says_starting_before_the_first_step():
+    from rich.progress import Progress
+
+    from peftkit.cli import _LossColumn
+
+    progress = Progress()
+    bar = progress.add_task("train", total=26, loss=float("nan"), tps=0.0)
+    assert _LossColumn().render(progress.tasks[0]).plain == "starting"
+    progress.update(bar, completed=1, loss=2.5, tps=149.0)
+    assert _LossColumn().render(progress.tasks[0]).plain == "loss 2.5000  149 tok/s"
+
+
 def test_4_a_file_replaces_the_built_in_dataset(run):
     root, result = run
     data = root / "papers.jsonl"
@@ -163,3 +175,13 @@ def test_8_the_default_config_comments_agree_with_the_code():
     assert "minutes on" not in text and "~" not in text, "times are measured per machine in the README, not guessed here"
     section = text.split("README's \"", 1)[1].split('"', 1)[0]
     assert f"## {section}" in (root / "README.md").read_text()
+
+
+def test_9_generate_takes_the_repetition_options(run):
+    root, _ = run
+    # without a repetition option this tiny model answers only newlines, which print as an empty answer
+    result = peftkit("generate", "--adapter", str(root / "run" / "adapter"), "--max-new-tokens", "8",
+                     "--no-repeat-ngram-size", "1", "--repetition-penalty", "1.2", "This paper studies problem 3.")
+    assert result.returncode == 0, result.stderr
+    answer = next(line for line in result.stdout.splitlines() if line.startswith("tuned:"))
+    assert answer.removeprefix("tuned:").strip()
