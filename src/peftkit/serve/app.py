@@ -132,7 +132,7 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
         for prompt in prompts:
             if isinstance(prompt, list):
                 engine.check_prompt_ids(prompt)
-        encoders = [(_prompt_text(engine, p) if body.echo else "", _completion_encoder(engine, adapter, p)) for p in prompts]
+        encoders = [_completion_encoder(engine, adapter, p) for p in prompts]
         return await _generate(app, engine, request, body, "completion", encoders, echo=body.echo)
 
     @app.post("/v1/embeddings")
@@ -147,18 +147,13 @@ def _add_public_routes(app: FastAPI, engine: Engine) -> None:
         body = parse_body(ChatRequest, await read_json(request, engine.settings.max_body_bytes))
         adapter = await _resolve(engine, body.model)
         messages = [m.as_template_message() for m in body.messages]
-        return await _generate(app, engine, request, body, "chat", [("", lambda: engine.encode_chat(adapter, messages))])
+        return await _generate(app, engine, request, body, "chat", [lambda: engine.encode_chat(adapter, messages)])
 
 
 async def _resolve(engine: Engine, model: str) -> str | None:
     """The adapter `model` names, loaded first from --adapter-dir when it is not resident (off the event loop)."""
     await run_in_threadpool(engine.ensure_adapter, model)
     return engine.resolve(model)
-
-
-def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
-    """What `echo` returns for a prompt: the text sent, or the decoded token ids."""
-    return prompt if isinstance(prompt, str) else engine.decode(prompt)
 
 
 def _completion_encoder(engine: Engine, adapter: str | None, prompt: str | list[int]) -> Callable[[], list[int]]:
@@ -170,7 +165,7 @@ def _completion_encoder(engine: Engine, adapter: str | None, prompt: str | list[
 
 async def _generate(
     app: FastAPI, engine: Engine, request: Request, body: Any, kind: Kind,
-    encoders: list[tuple[str, Callable[[], list[int]]]], echo: bool = False,
+    encoders: list[Callable[[], list[int]]], echo: bool = False,
 ) -> Any:
     """Tokenize (off the event loop), queue every choice, answer whole or as a stream; holds concurrency slots.
 
@@ -188,8 +183,9 @@ async def _generate(
     app.state.in_flight += count  # reserved before the first await, so concurrent requests see it
     try:
         prompts = []
-        for text, encode in encoders:
+        for encode in encoders:
             ids = await run_in_threadpool(_tokenize, encode)
+            text = engine.token_text(ids) if echo else ""  # echo: the prompt as the model saw it (template included)
             prompts.append(PromptChoices(text, [engine.sequence(body.model, ids, _nth(params, j)) for j in range(per_prompt)]))
     except BaseException:
         app.state.in_flight -= count

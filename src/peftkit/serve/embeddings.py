@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import base64
 import threading
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 from fastapi import FastAPI, Request
@@ -30,6 +29,7 @@ from ..errors import AdapterError
 from ..tasks.embedding import embed, tokenize
 from .engine import UnknownModel, served_name
 from .errors import ApiError, install_error_handlers, parse_body, read_json
+from .schemas import PromptInput, as_inputs
 from .security import check_adapter_files, key_matches
 from .settings import ServeSettings
 
@@ -40,17 +40,10 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=256)
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = None
     user: Optional[str] = None
-
-    def inputs(self) -> list[str | list[int]]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if self.input and isinstance(self.input[0], int):
-            return [list(self.input)]  # type: ignore[arg-type]
-        return list(self.input)  # type: ignore[arg-type]
 
 
 def is_embedding_adapter(path: str | Path) -> bool:
@@ -140,11 +133,7 @@ def _token_batch(ids: list[int], max_length: int, device: torch.device) -> dict[
 def create_embedding_app(service: EmbeddingService) -> FastAPI:
     """/health, /v1/models and /v1/embeddings for an embedding service (the API key as on the generation server)."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-
-    app = FastAPI(title="peftkit serve (embeddings)", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="peftkit serve (embeddings)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = service
     install_error_handlers(app)
 
@@ -170,7 +159,7 @@ def create_embedding_app(service: EmbeddingService) -> FastAPI:
         body = parse_body(EmbeddingRequest, await read_json(request, service.settings.max_body_bytes))
         if body.dimensions is not None:
             raise ApiError(400, "`dimensions` is not supported: the adapter's vectors have a fixed size", param="dimensions")
-        inputs = body.inputs()
+        inputs = as_inputs(body.input)
         if not inputs or any(not item for item in inputs):
             raise ApiError(400, "input is empty; send text or token ids", param="input")
         if len(inputs) > service.settings.max_prompts_per_request * 8:

@@ -277,10 +277,10 @@ class Engine:
         with self._tokenizer_lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def token_text(self, token: int) -> str:
-        """One token's text, special tokens included (log-prob entries name every token)."""
+    def token_text(self, tokens: int | list[int]) -> str:
+        """The text of a token (or of token ids), special tokens included (log-prob entries and echo show every token)."""
         with self._tokenizer_lock:
-            return self.tokenizer.decode([token])
+            return self.tokenizer.decode([tokens] if isinstance(tokens, int) else tokens)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's ids for raw text (no template), as vLLM's /tokenize gives them."""

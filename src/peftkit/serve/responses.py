@@ -64,7 +64,7 @@ class PromptChoices:
     """One prompt of a request and the sequences answering it (n of them, or best_of before selection)."""
 
     text: str
-    """The prompt as echoed (the text sent, or the decoded token ids)."""
+    """The prompt as echoed: its token ids decoded, as the model saw them ("" without echo)."""
     seqs: list[Sequence]
 
 

@@ -7,7 +7,7 @@ field, when they are sent with anything but their neutral value: never silently 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,6 +84,14 @@ class _GenerationRequest(BaseModel):
     user: Optional[str] = None
     ignore_eos: bool = False
     """vLLM's extension: generate exactly max_tokens tokens (for benchmarks)."""
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = NEUTRAL
+    """Fields refused by name unless neutral (per endpoint)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data: Any) -> Any:
+        refuse_unsupported(data, cls.unsupported)
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -136,9 +144,20 @@ class _GenerationRequest(BaseModel):
 
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
+"""Text, texts, token ids, or lists of token ids (OpenAI's `prompt` and `input`)."""
+
+
+def as_inputs(value: PromptInput) -> list[str | list[int]]:
+    """Each input of a `prompt` / `input` field: a text or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
 
 
 class CompletionRequest(_GenerationRequest):
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = NEUTRAL_COMPLETION
     prompt: PromptInput
     """Text, a list of texts, a list of token ids, or a list of such lists (one choice each; ids are used as they are)."""
     max_tokens: Optional[int] = Field(None, ge=0)
@@ -149,12 +168,6 @@ class CompletionRequest(_GenerationRequest):
     """Log-probs of each token and this many most likely alternatives."""
     best_of: Optional[int] = Field(None, ge=1)
     """Generate this many per prompt and return the n with the highest log-prob."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse(cls, data: Any) -> Any:
-        refuse_unsupported(data, NEUTRAL_COMPLETION)
-        return data
 
     @model_validator(mode="after")
     def _checks(self) -> "CompletionRequest":
@@ -176,11 +189,7 @@ class CompletionRequest(_GenerationRequest):
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt of the request: a text or a list of token ids."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]  # type: ignore[arg-type]
-        return list(self.prompt)  # type: ignore[arg-type]
+        return as_inputs(self.prompt)
 
     def token_logprobs(self) -> int | None:
         return self.logprobs
@@ -210,18 +219,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_GenerationRequest):
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = NEUTRAL_CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     """OpenAI's newer name for max_tokens."""
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0)
     response_format: Optional[dict[str, Any]] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse(cls, data: Any) -> Any:
-        refuse_unsupported(data, NEUTRAL_CHAT)
-        return data
 
     @model_validator(mode="after")
     def _checks(self) -> "ChatRequest":
