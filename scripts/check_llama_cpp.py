@@ -27,7 +27,7 @@ from peftkit.data.templates import format_prompt
 from peftkit.export import export_gguf, export_lora_gguf
 from peftkit.export.llama_cpp import greedy, load_gguf
 from peftkit.generate import generate_ids
-from peftkit.inference import load_for_inference
+from peftkit.artifacts import load_artifact
 
 
 def agreement(expected: list[list[int]], got: list[list[int]]) -> dict[str, float]:
@@ -68,7 +68,7 @@ def main() -> None:
         files[name] = export(args.out_dir / (name.replace(" ", "-") + ".gguf")).path
         export_s[name] = time.perf_counter() - start
 
-    loaded = load_for_inference(args.adapter, device="cpu", precision="fp32")
+    loaded = load_artifact(args.adapter, device="cpu", precision="fp32")
     tokenizer, fmt = loaded.tokenizer, loaded.format
     rows = load_task(load_config(None).data, seed=0).test[: args.prompts]
     texts = [format_prompt(tokenizer, fmt, row) for row in rows]

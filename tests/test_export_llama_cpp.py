@@ -41,8 +41,11 @@ def test_llama_cpp_computes_the_merged_models_logits(kind, root, tok):  # noqa: 
     with torch.no_grad():
         expected = merged(torch.tensor([ids])).logits[0].numpy()
     vocab = expected.shape[-1]
-    for llm, _ in (load_gguf(merged_path), load_gguf(base_path, lora=lora_path)):
-        np.testing.assert_allclose(logits(llm, ids)[:, :vocab], expected, atol=2e-3, rtol=0)
+    # f32 weights and KV cache: Llama and Qwen2 agree to ~1e-6 (measured <= 9e-7); ggml computes GELU through
+    # an f16 lookup table, which costs GPT-2 ~2e-4 (logits of scale 0.6). A wrong permutation costs ~0.5.
+    atol = 1e-3 if kind == "gpt2" else 1e-5
+    for llm, _ in (load_gguf(merged_path, kv_cache_f32=True), load_gguf(base_path, lora=lora_path, kv_cache_f32=True)):
+        np.testing.assert_allclose(logits(llm, ids)[:, :vocab], expected, atol=atol, rtol=0)
 
 
 def test_smollm2_greedy_tokens_match_peftkit(tmp_path):

@@ -18,11 +18,16 @@ import llama_cpp
 import numpy as np
 
 
-def load_gguf(path: str | Path, lora: str | Path | None = None, threads: int = 2, context: int = 1024) -> tuple[llama_cpp.Llama, float]:
-    """(the model, seconds it took to load), with every position's logits kept; `lora`: a LoRA GGUF applied at load."""
+def load_gguf(path: str | Path, lora: str | Path | None = None, threads: int = 2, context: int = 1024,
+              kv_cache_f32: bool = False) -> tuple[llama_cpp.Llama, float]:
+    """(the model, seconds it took to load), with every position's logits kept; `lora`: a LoRA GGUF applied at load.
+
+    llama.cpp keeps the attention keys and values in f16 by default; `kv_cache_f32` keeps them in f32,
+    for comparisons at f32 precision."""
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_cache_f32 else {}
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=context, n_threads=threads,
-                          n_threads_batch=threads, logits_all=True, verbose=False)
+                          n_threads_batch=threads, logits_all=True, verbose=False, **cache)
     return llm, time.perf_counter() - start
 
 
