@@ -25,8 +25,10 @@ Adding an objective (DPO, ORPO...): write a class with these attributes and meth
 no base class to inherit) in its own file under train/, and add it to `loop.OBJECTIVES`. For
 example a DPO objective would:
 
-- reuse the token objective's data and model setup, and keep each pair's chosen and rejected rows
-  in the SAME micro-batch (`micro_batches` splits between pairs only; `count` = pairs);
+- reuse the token objective's data and model setup (tokens.TokenBatches collates and runs padding-free
+  rows), and make ONE UNIT per pair (prompt + chosen, prompt + rejected): ranks and micro-batches
+  split a step between units, so both answers of a pair always share a micro-batch (and can share
+  one padding-free row); `count` = pairs;
 - in `loss`, score both answers with the adapter, then again with `adapted.disable_adapter()`
   under `torch.no_grad()` (the reference model for free; full fine-tuning keeps a frozen copy made
   in `prepare`), and return `(sum of pair losses, {"reward_margin": ..., "reward_accuracy": ...})`;
