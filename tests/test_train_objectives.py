@@ -139,3 +139,20 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resumes_bit_identically(bert_
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-2"] and not (out / "adapter").exists()
     monkeypatch.undo()
     assert_same(adapter_weights(run_training(config_from_dict(raw), resume=True)), reference)
+
+
+def test_every_objective_of_the_loop_has_the_whole_interface():
+    """A new entry in loop.OBJECTIVES must bring every method and attribute the loop calls."""
+    import inspect
+
+    from peftkit.train.objectives import Objective, StepObjective
+
+    members = {name for proto in (Objective, StepObjective) for name in [*vars(proto), *proto.__annotations__]
+               if not name.startswith("_")}
+    assert {"prepare", "epoch_batches", "micro_batches", "loss", "validate", "save", "report", "units", "count_unit"} <= members
+    for task, cls in loop.OBJECTIVES.items():
+        missing = sorted(name for name in members if not hasattr(cls, name))
+        assert not missing, f"{task}: {cls.__name__} lacks {missing}"
+        for name in members:
+            if inspect.isfunction(getattr(Objective, name, None)):
+                assert callable(getattr(cls, name)), (task, name)
