@@ -308,8 +308,10 @@ def eval_(
     questions = read_mc_file(mc) if mc else None
     if not tasks and not questions:
         raise PeftkitError("nothing to score: pass --dataset NAME, an adapter trained by peftkit, --held-out or --mc")
-    settings = GenerationSettings(max_new_tokens, batch_size, num_beams, sample, temperature, top_p, seed,
-                                  not whole_output, stemmer, repetition_penalty, no_repeat_ngram_size)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams, do_sample=sample,
+                                  temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, first_line=not whole_output,
+                                  stemmer=stemmer)
     bar = (Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console) if console.is_terminal else _step_log())
     with bar as progress:

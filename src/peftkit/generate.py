@@ -113,7 +113,7 @@ class Decoding:
     no_repeat_ngram_size: int = 0
     """Never repeat an N-gram (0: off)."""
     seed: int = 0
-    """Seeds sampling."""
+    """Seeds sampling (and, in evaluation, the bootstrap intervals)."""
 
     @classmethod
     def from_config(cls, generate: Any) -> "Decoding":

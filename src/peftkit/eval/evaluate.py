@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..data.templates import PromptFormat
@@ -34,30 +34,17 @@ COMPARED_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_ma
 
 
 @dataclass
-class GenerationSettings:
-    """Decoding and scoring choices, recorded in results.json."""
+class GenerationSettings(Decoding):
+    """Decoding (as everywhere answers are generated) and scoring choices, recorded in results.json."""
 
-    max_new_tokens: int = 60
-    batch_size: int = 8
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    """Seeds sampling and the bootstrap intervals."""
     first_line: bool = True
     """Score only the first non-blank line of each output (summaries are one sentence)."""
     stemmer: bool = True
     """Porter stemming in ROUGE (rouge-score's use_stemmer)."""
-    repetition_penalty: float = 1.0
-    """Divide the logits of tokens already present by this (1.0: off)."""
-    no_repeat_ngram_size: int = 0
-    """Never repeat an N-gram (0: off)."""
 
     def decoding(self) -> Decoding:
-        """The generation part, as the samples after training use it too."""
-        return Decoding(self.max_new_tokens, self.batch_size, self.num_beams, self.do_sample, self.temperature,
-                        self.top_p, self.repetition_penalty, self.no_repeat_ngram_size, self.seed)
+        """The generation part alone."""
+        return Decoding(**{f.name: getattr(self, f.name) for f in fields(Decoding)})
 
 
 def system_format(system: System, task: EvalTask) -> PromptFormat:
