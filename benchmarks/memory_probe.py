@@ -9,7 +9,9 @@ the forward, the backward and the optimizer step. `--tally` adds one table per s
 bytes by module (layer numbers folded into `*`, so a row is summed over every layer) and dtype, and
 per token. `--layers N` keeps the first N decoder layers only: what one layer keeps does not depend
 on the depth, and a bf16 step on a CPU without native bf16 is slow. `--longest` probes the batches
-with the most tokens first (the run's peak), not the first ones.
+with the most tokens first (the run's peak), not the first ones. `--mmap-threshold 65536` fixes
+glibc's mmap threshold in-process (as `MALLOC_MMAP_THRESHOLD_=65536` does from the environment):
+glibc otherwise raises it after the first large frees and keeps later activations in its heap.
 
     flock /tmp/peftkit-heavy.lock nice -n 5 .venv/bin/python benchmarks/memory_probe.py method=lora train.max_steps=2
     PEFTKIT_CPU_BF16=1 .venv/bin/python benchmarks/memory_probe.py --tally --longest --layers 2 \\
@@ -19,6 +21,7 @@ with the most tokens first (the run's peak), not the first ones.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -40,6 +43,8 @@ from peftkit.train.optim import build_optimizer
 from peftkit.train.setup import prepare_model
 
 STATUS = Path("/proc/self/status")
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter: allocations at least this large are mmapped and returned to the OS when freed."""
 Kept = dict[int, tuple[str, str, int]]
 """storage pointer -> (module pattern, dtype, bytes)."""
 
@@ -125,7 +130,11 @@ def main() -> None:
     parser.add_argument("--tally", action="store_true", help="kept bytes per module and dtype")
     parser.add_argument("--layers", type=int, help="keep only the first N decoder layers")
     parser.add_argument("--longest", action="store_true", help="probe the batches with the most tokens first")
+    parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                        help="glibc mallopt(M_MMAP_THRESHOLD): a fixed threshold, so freed activations leave the process")
     args = parser.parse_args()
+    if args.mmap_threshold:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, args.mmap_threshold)
     cfg = load_config(None, args.overrides)
     estimate = estimate_memory(cfg)
     print("estimate GiB:", {name: round(size / 2**30, 2) for name, size in estimate.rows()}, estimate.batch)
