@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_model
+import yaml
+from conftest import build_model, tiny_run_config
 
 from peftkit.train.preference_loss import PairScores, PreferenceSettings, pair_losses
 
@@ -35,8 +41,7 @@ def toy_pairs(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def per_token_logps(model: torch.nn.Module, ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
     """(rows, T-1) log-probability of each next token, zero outside the answers (TRL's `log_probs`)."""
-    attention = (ids != 2) | (completion == 1) | (torch.arange(ids.shape[1]) < 4)
-    logits = model(input_ids=ids, attention_mask=attention.long()).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=(ids != 2).long()).logits[:, :-1].float()
     taken = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     return taken * completion[:, 1:]
 
@@ -146,3 +151,163 @@ def test_sft_weight_adds_the_chosen_answers_per_token_nll():
     plain, *_ = pair_losses(PreferenceSettings("dpo", beta=0.1), scores)
     weighted, *_ = pair_losses(PreferenceSettings("dpo", beta=0.1, sft_weight=0.5), scores)
     torch.testing.assert_close(weighted - plain, 0.5 * torch.tensor([2.0, 0.5]))
+
+
+# -- the objective: peftkit's own scoring path (token loss, padding-free row) against TRL -----------------------------
+def pair_units(ids: torch.Tensor, completion: torch.Tensor) -> list[dict]:
+    """toy_pairs as the objective's training units (unpadded examples, labels on the answers)."""
+    n = ids.shape[0] // 2
+
+    def example(row: int) -> dict:
+        length = int(completion[row].nonzero().max()) + 1
+        tokens = ids[row, :length].tolist()
+        labels = [t if int(completion[row, i]) else -100 for i, t in enumerate(tokens)]
+        return {"input_ids": tokens, "labels": labels}
+
+    return [{"chosen": example(i), "rejected": example(n + i), "key": ("train", i)} for i in range(n)]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_objective_scores_and_dpo_gradients_equal_trl(tiny, flat):
+    from peftkit.train.attention import enable_padding_free
+    from peftkit.train.preference import pair_batch, sequence_logps
+
+    policy, reference = tiny
+    ids, completion = toy_pairs(64, seed=5)
+    units = pair_units(ids, completion)
+    if flat:
+        assert enable_padding_free(policy) and enable_padding_free(reference)
+    tokens = torch.tensor([sum(l != -100 for l in u[s]["labels"][1:]) for s in ("chosen", "rejected") for u in units])
+    batch = pair_batch(units, pad_id=2, flat=flat)
+    ours_logps = sequence_logps(policy, batch, tokens)
+    with torch.no_grad():
+        ref_sums = sequence_logps(reference, batch, tokens)
+        ref_logps = per_token_logps(reference, ids, completion)
+    torch.testing.assert_close(ref_sums, ref_logps.sum(1), atol=TOL, rtol=TOL)
+    scores = PairScores(ours_logps[:3], ours_logps[3:], tokens[:3], tokens[3:], ref_sums[:3], ref_sums[3:])
+    ours = pair_losses(PreferenceSettings("dpo", beta=0.2), scores)[0].mean()
+    theirs = trl_dpo_loss(0.2, "sigmoid", per_token_logps(policy, ids, completion), ref_logps, completion)
+    assert abs(ours.item() - theirs.item()) < TOL
+    assert_close_grads(grads(policy, ours), grads(policy, theirs))
+
+
+# -- end to end: the one loop, the CLI, the data rules ----------------------------------------------------------------
+def write_pairs(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def toy_pair_rows(n: int = 16) -> list[dict]:
+    return [{"prompt": f"Is item {i} good?", "chosen": f"Yes, item {i} is good.", "rejected": f"No idea about {i} at all."}
+            for i in range(n)]
+
+
+def pair_config(model_dir, data_file, out, objective: str, **extra) -> dict:
+    cfg = tiny_run_config(model_dir, data_file, out, epochs=6, batch_size=4, lr=2e-2, precision="fp32", log_every=1)
+    cfg["data"].update({"template": None, "prompt": "prompt", "response": "chosen", "val_ratio": 0.25, "test_ratio": 0.0})
+    cfg["objective"] = objective
+    cfg["preference"] = {"beta": 0.5}
+    cfg["generate"]["num_samples"] = 0
+    for key, value in extra.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    return cfg
+
+
+def metrics_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_cli_preference_training_raises_preference_accuracy(tmp_path, model_dirs, objective):
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, toy_pair_rows())
+    out = tmp_path / "run"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(pair_config(model_dirs["llama"], data, out, objective)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", str(tmp_path / "cfg.yaml")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [r for r in metrics_of(out) if "loss" in r and "val_loss" not in r]
+    val = [r for r in metrics_of(out) if "val_loss" in r]
+    assert steps[0]["pairs"] == 4 and "reward_margin" in steps[0] and "reward_accuracy" in steps[0]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert val[-1]["val_reward_accuracy"] > val[0]["val_reward_accuracy"] or val[-1]["val_loss"] < val[0]["val_loss"]
+    assert (out / "adapter" / "peftkit.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_dpo_with_dora_and_full_fine_tuning(tmp_path, model_dirs, method):
+    from peftkit.config import load_config
+    from peftkit.train.loop import run_training
+
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, toy_pair_rows(8))
+    raw = pair_config(model_dirs["llama"], data, tmp_path / "run", "dpo", method=method)
+    raw["train"].update({"epochs": 1, "lr": 1e-3})
+    if method == "dora":
+        raw["lora"]["use_dora"] = True
+        raw["method"] = "lora"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    result = run_training(load_config(tmp_path / "cfg.yaml"))
+    first = metrics_of(tmp_path / "run")[0]
+    # step 1 starts at the reference: log-ratios 0, so the loss is log 2 and the margin 0
+    assert abs(first["loss"] - math.log(2)) < 1e-4 and abs(first["reward_margin"]) < 1e-4
+    assert result.steps == 2 and math.isfinite(result.last_loss)
+
+
+def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, model_dirs):
+    from peftkit.config import load_config
+    from peftkit.train.loop import run_training
+
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, toy_pair_rows(8))
+    sft = pair_config(model_dirs["llama"], data, tmp_path / "sft", "sft")
+    sft["train"]["epochs"] = 1
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    adapter = run_training(load_config(tmp_path / "sft.yaml")).adapter_dir
+    dpo = pair_config(model_dirs["llama"], data, tmp_path / "dpo", "dpo")
+    dpo["train"].update({"epochs": 1, "init_adapter": str(adapter)})
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
+    run_training(load_config(tmp_path / "dpo.yaml"))
+    first = metrics_of(tmp_path / "dpo")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-4 and abs(first["reward_margin"]) < 1e-4  # reference = the SFT adapter
+
+
+def test_identical_and_empty_pairs_are_counted_not_trained(tmp_path, tokenizer, caplog):
+    from types import SimpleNamespace as NS
+
+    from peftkit.data.preference import load_pairs, tokenize_pairs
+
+    rows = toy_pair_rows(4) + [{"prompt": "p", "chosen": "same", "rejected": "same"},
+                               {"prompt": "q", "chosen": "x " * 200, "rejected": "short"}]
+    write_pairs(tmp_path / "p.jsonl", rows)
+    data = NS(train=str(tmp_path / "p.jsonl"), validation=None, test=None, columns={}, val_ratio=0.0, test_ratio=0.0,
+              template=None, prompt="prompt", chat_template=False, system_prompt=None, dataset=None)
+    task = load_pairs(data, NS(chosen="chosen", rejected="rejected"), 0)
+    pairs, stats = tokenize_pairs(task.train, tokenizer, task, max_length=64)
+    assert (stats.pairs, stats.identical, stats.empty) == (4, 1, 1) and len(pairs) == 4
+    assert "identical" in caplog.text and "no token" in caplog.text
+    for pair in pairs:  # loss masks on the answers only, the prompt shared
+        for side in ("chosen", "rejected"):
+            labels = pair[side]["labels"]
+            assert labels[0] == -100 and labels[-1] == tokenizer.eos_token_id
+        k = pair["chosen"]["labels"].index(next(l for l in pair["chosen"]["labels"] if l != -100))
+        assert pair["chosen"]["input_ids"][:k] == pair["rejected"]["input_ids"][:k]
+
+
+def test_chat_pairs_mask_the_shared_prompt_turns(tmp_path, tokenizer):
+    from types import SimpleNamespace as NS
+
+    from peftkit.data.preference import load_pairs, tokenize_pairs
+
+    user = {"role": "user", "content": "Which is better?"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": f"The first one {i}."}],
+             "rejected": [user, {"role": "assistant", "content": f"Neither {i}."}]} for i in range(3)]
+    write_pairs(tmp_path / "chat.jsonl", rows)
+    data = NS(train=str(tmp_path / "chat.jsonl"), validation=None, test=None, columns={}, val_ratio=0.0, test_ratio=0.0,
+              template=None, prompt="prompt", chat_template=True, system_prompt=None, dataset=None)
+    task = load_pairs(data, NS(chosen="chosen", rejected="rejected"), 0)
+    assert task.shape == "chat"
+    pairs, stats = tokenize_pairs(task.train, tokenizer, task, max_length=128)
+    assert stats.pairs == 3
+    labelled = tokenizer.decode([t for t in pairs[0]["chosen"]["labels"] if t != -100])
+    assert "The first one 0." in labelled and "Which is better" not in labelled

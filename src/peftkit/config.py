@@ -180,6 +180,24 @@ class ClassificationConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (`objective: dpo | orpo`): pairs of a prompt, a chosen and a rejected answer (train/preference.py)."""
+
+    beta: float = 0.1
+    """DPO: how far the tuned model may move from the reference (lower: further); IPO: its regularisation tau."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO's loss on the log-ratio margin: sigmoid (the DPO paper) or ipo (squared, per-token log-ratios)."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term against the chosen answer's NLL."""
+    sft_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen answer (0: none)."""
+    chosen: str = "chosen"
+    """Column holding the preferred answer (text, or chat messages after the prompt turns)."""
+    rejected: str = "rejected"
+    """Column holding the dispreferred answer (same shape as `chosen`)."""
+
+
+@dataclass
 class GenerateConfig:
     """Decoding used for samples after training, `peftkit generate` and evaluation."""
 
@@ -209,6 +227,9 @@ class RunSettings:
     task: Literal["generation", "embedding", "classification"] = "generation"
     """What the model learns: text generation (causal or seq2seq LM), sentence embeddings for retrieval
     (contrastive, see `embedding:`), or sequence classification (LoRA + a trained head, see `classification:`)."""
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """What `task: generation` optimises: sft (cross-entropy on the responses), or a preference loss on
+    prompt / chosen / rejected pairs, dpo or orpo (see `preference:`)."""
     method: str = "lora"
     """The fine-tuning method: one of the registry's (`lora`, `qlora`, ..., `full`; see methods/registry.py)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,6 +239,8 @@ class RunSettings:
     """Pairs, pooling and loss of `task: embedding`."""
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     """Columns and classes of `task: classification`."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Loss and columns of `objective: dpo | orpo`."""
     output_dir: str = "runs/default"
     """Folder for the adapter, checkpoints and metrics."""
 
@@ -383,6 +406,8 @@ def _check_values(cfg: RunConfig, errors: list[str]) -> None:
     _check_method(cfg, errors)
     if cfg.task != "generation":
         _check_encoder_task(cfg, errors)
+    if cfg.objective != "sft":
+        _check_preference(cfg, errors)
     if cfg.data.dataset is None and cfg.data.train is None and not cfg.data.mixture:
         errors.append("data: give either `dataset` (e.g. aclsum/outcome) or a `train` file")
 
@@ -407,6 +432,28 @@ def _check_method(cfg: Any, errors: list[str]) -> None:
         able = [name for name, m in METHODS.items() if m.capabilities.added_tokens]
         errors.append(f"data.add_special_tokens: the resized embeddings must be saved with the adapter, and method "
                       f"{cfg.method!r} cannot; use {' or '.join(able)}")
+
+
+PREFERENCE_DATASETS = ("aclsum/outcome-preference",)
+"""Built-in pair datasets of `objective: dpo | orpo`."""
+
+
+def _check_preference(cfg: RunConfig, errors: list[str]) -> None:
+    """`objective: dpo | orpo`: a generation task on one pair dataset, with a positive beta."""
+    p = cfg.preference
+    if p.beta <= 0:
+        errors.append(f"preference.beta: must be positive, got {p.beta} (DPO's usual range: 0.05 to 0.5)")
+    if p.orpo_lambda < 0:
+        errors.append(f"preference.orpo_lambda: must be non-negative, got {p.orpo_lambda} (ORPO's usual: 0.1)")
+    if p.sft_weight < 0:
+        errors.append(f"preference.sft_weight: must be non-negative, got {p.sft_weight} (0: no extra NLL term)")
+    if cfg.task != "generation":
+        errors.append(f"objective: {cfg.objective} tunes a generation model; remove it, or set task: generation")
+    if cfg.data.mixture or cfg.data.packing:
+        errors.append(f"data: objective {cfg.objective} reads one pair dataset unpacked; remove data.mixture / data.packing")
+    if cfg.data.train is None and cfg.data.dataset not in PREFERENCE_DATASETS:
+        errors.append(f"data.dataset: {cfg.data.dataset!r} has no answer pairs; objective {cfg.objective} needs "
+                      f"{' or '.join(PREFERENCE_DATASETS)}, or a `train` file of prompt / chosen / rejected rows")
 
 
 ENCODER_DATASETS = {

@@ -44,6 +44,7 @@ from .interrupt import StopRequest, stop_on_signals
 from .logs import MetricsLog
 from .objectives import Objective, ObjectiveForward
 from .optim import build_optimizer
+from .preference import PreferenceObjective
 from .setup import enable_gradient_checkpointing
 from .step import accumulate_gradients
 from .tokens import TokenObjective
@@ -202,8 +203,10 @@ OBJECTIVES: dict[str, Callable[[RunConfig], Objective]] = {
     "generation": TokenObjective,
     "embedding": EmbeddingObjective,
     "classification": ClassificationObjective,
+    "dpo": PreferenceObjective,
+    "orpo": PreferenceObjective,
 }
-"""The objective of each `task:`; a new objective (a preference loss, say) is one more entry."""
+"""The objective of each `task:`, and of each preference `objective:` (dpo, orpo) of a generation task."""
 
 
 def _train(
@@ -224,7 +227,7 @@ def _train(
     log.info("precision: %s on %s (%s)", precision["dtype"], device, reason)
 
     # -- data (rows before the model: a bad file fails in a second), model + method (same init on every rank)
-    objective = OBJECTIVES[cfg.task](cfg)
+    objective = OBJECTIVES[cfg.task if cfg.objective == "sft" else cfg.objective](cfg)
     prepared = objective.prepare(dtype, device)
     adapted = prepared.adapted
     if cfg.train.gradient_checkpointing:
