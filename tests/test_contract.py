@@ -45,7 +45,10 @@ _COVERED = {type(factory()) for factory, _, _ in METHOD_CASES.values()}
 REGISTRY_CASES = {name: (m.config_cls, m.capabilities.identity_init, m.capabilities.mergeable)
                   for name, m in METHODS.items() if m.config_cls is not None and m.config_cls not in _COVERED}
 METHOD_CASES |= REGISTRY_CASES
-QUANTIZED_BASES = {"qlora": QuantConfig(bits=4, quant_type="nf4", double_quant=True), "qlora_int8_dora": QuantConfig(bits=8)}
+# compute in fp32 whatever the host: `auto` would compute the 4-bit base in bf16 on bf16-native hosts, and
+# tests/test_contract_loss.py compares these bases' gradients to fp32 precision
+QUANTIZED_BASES = {"qlora": QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype="fp32"),
+                   "qlora_int8_dora": QuantConfig(bits=8)}
 # (method, kind) pairs the method refuses with a ConfigError (tested below instead of the contract)
 UNSUPPORTED = {("prefix_tuning", "t5"), ("adaption_prompt", "t5"), ("bitfit", "llama"), ("bitfit", "t5")}  # no biases
 # soft prompts and prefixes need token inputs; ViT reads pixels and Whisper's encoder reads audio features
