@@ -80,7 +80,7 @@ def artifact_kind(path: str | Path) -> Kind:
     if path.is_file():
         raise AdapterError(f"{path}: is a file; give the folder `peftkit train` or `peftkit merge` wrote")
     if not path.is_dir():
-        raise AdapterError(f"{path}: no such adapter folder or model folder")
+        raise AdapterError(f"{path}: no such adapter or model folder")
     if (path / CONFIG_NAME).is_file():
         return "adapter"
     if (path / "config.json").is_file():
