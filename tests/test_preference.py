@@ -232,6 +232,14 @@ def test_cli_preference_training_raises_preference_accuracy(tmp_path, model_dirs
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert val[-1]["val_reward_accuracy"] > val[0]["val_reward_accuracy"] or val[-1]["val_loss"] < val[0]["val_loss"]
     assert (out / "adapter" / "peftkit.json").is_file()
+    if objective == "dpo":  # `peftkit eval --pairs`: the tuned adapter prefers the chosen answers more than the base
+        done = subprocess.run([sys.executable, "-m", "peftkit.cli", "eval", "-a", f"dpo={out / 'adapter'}", "--pairs", str(data),
+                               "--out", str(tmp_path / "eval")], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        preference = json.loads((tmp_path / "eval" / "results.json").read_text())["preference"]
+        assert preference["n"] == 16 and preference["reference"] == "base"
+        assert preference["scores"]["dpo"]["accuracy"] > 0.5 and preference["scores"]["dpo"]["margin"] > 0
+        assert "accuracy" not in preference["scores"]["base"]
 
 
 @pytest.mark.parametrize("method", ["dora", "full"])

@@ -272,6 +272,7 @@ def eval_(
     held_out: list[str] = typer.Option([], "--held-out", help="Task for forgetting: aclsum/challenge, aclsum/approach, chatterbot."),
     held_out_limit: Optional[int] = typer.Option(None, min=1, help="First N examples of each held-out task (default: --limit)."),
     mc: Optional[Path] = typer.Option(None, "--mc", help="Multiple-choice file (MMLU layout), scored by log-likelihood."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Preference pairs (prompt, chosen, rejected): each system's preference accuracy and reward margin against the base."),
     max_new_tokens: int = typer.Option(60, min=1, help="Most new tokens per answer (generation stops at EOS)."),
     batch_size: int = typer.Option(8, min=1, help="Prompts generated together."),
     num_beams: int = typer.Option(1, min=1, help="Beam search with this many beams (1: greedy)."),
@@ -289,6 +290,7 @@ def eval_(
     """Compare the base, adapters and full fine-tunes: ROUGE/BLEU, forgetting, multiple choice, a report."""
     from .eval.evaluate import GenerationSettings, run_evaluation
     from .eval.multiple_choice import read_mc_file
+    from .eval.preference import preference_scores, preference_table, read_pair_file
     from .eval.recorded import read_recorded_systems, recorded_run
     from .eval.report import forgetting_rows, mc_table, score_table, write_report
     from .eval.systems import describe_systems
@@ -304,10 +306,12 @@ def eval_(
         run = recorded_run(recorded[0])
         model, dataset, split, limit = run.model, run.task, run.split, limit or run.limit
     systems = describe_systems(list(adapter), base, model) + [s for spec in recorded for s in read_recorded_systems(spec)]
-    tasks = plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out), held_out_limit)
+    pairs_only = pairs is not None and not (dataset or held_out)  # --pairs alone scores the pairs, not the run's own task
+    tasks = [] if pairs_only else plan_tasks([s.meta for s in systems], dataset, split, limit, list(held_out), held_out_limit)
     questions = read_mc_file(mc) if mc else None
-    if not tasks and not questions:
-        raise PeftkitError("nothing to score: pass --dataset NAME, an adapter trained by peftkit, --held-out or --mc")
+    pair_rows = read_pair_file(pairs) if pairs else None
+    if not tasks and not questions and not pair_rows:
+        raise PeftkitError("nothing to score: pass --dataset NAME, an adapter trained by peftkit, --held-out, --mc or --pairs")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams, do_sample=sample,
                                   temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                   no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, first_line=not whole_output,
@@ -317,6 +321,8 @@ def eval_(
     with bar as progress:
         results = run_evaluation(systems, tasks, settings, questions, str(mc) if mc else None, device, EVAL_PRECISION,
                                  progress=progress)
+    if pair_rows:
+        results["preference"] = {"source": str(pairs), **preference_scores(systems, pair_rows, device, EVAL_PRECISION)}
     primary = next((t.name for t in tasks if t.primary), None)
     write_report(results, out, title=f"peftkit evaluation: {primary or 'held-out tasks'}")
     if primary:
@@ -325,6 +331,8 @@ def eval_(
         _show_table(forgetting_rows(results), "held-out tasks: change vs base")
     if questions:
         _show_table(mc_table(results), f"multiple choice: {mc}")
+    if pair_rows:
+        _show_table(preference_table(results["preference"]), f"preference pairs: {pairs} ({results['preference']['n']} pairs)")
     console.print(f"report: [cyan]{out / 'report.html'}[/] (also report.md, results.json)")
 
 
