@@ -242,8 +242,8 @@ def test_cli_preference_training_raises_preference_accuracy(tmp_path, model_dirs
         assert "accuracy" not in preference["scores"]["base"]
 
 
-@pytest.mark.parametrize("method", ["dora", "full"])
-def test_dpo_with_dora_and_full_fine_tuning(tmp_path, model_dirs, method):
+@pytest.mark.parametrize("method", ["dora", "qlora", "full"])
+def test_dpo_with_dora_qlora_and_full_fine_tuning(tmp_path, model_dirs, method):
     from peftkit.config import load_config
     from peftkit.train.loop import run_training
 
@@ -319,3 +319,20 @@ def test_chat_pairs_mask_the_shared_prompt_turns(tmp_path, tokenizer):
     assert stats.pairs == 3
     labelled = tokenizer.decode([t for t in pairs[0]["chosen"]["labels"] if t != -100])
     assert "The first one 0." in labelled and "Which is better" not in labelled
+
+
+def test_builtin_outcome_preference_pairs_abstracts_with_the_same_papers_summaries():
+    from types import SimpleNamespace as NS
+
+    from peftkit.data.preference import load_pairs
+    from peftkit.data.sources import aclsum_rows
+
+    data = NS(train=None, dataset="aclsum/outcome-preference", template=None, chat_template=True, system_prompt=None)
+    task = load_pairs(data, NS(chosen="chosen", rejected="rejected"), 0)
+    for split, rows in (("train", task.train), ("validation", task.validation), ("test", task.test)):
+        outcome, challenge, approach = (aclsum_rows(split, a) for a in ("outcome", "challenge", "approach"))
+        assert len(rows) == len(outcome) > 0
+        for i, row in enumerate(rows):
+            assert row["abstract"] == outcome[i]["abstract"] and row["chosen"] == outcome[i]["summary"]
+            assert row["rejected"] == (challenge, approach)[i % 2][i]["summary"] and row["id"] == challenge[i]["id"]
+    assert task.format.render(task.test[0]).count(task.test[0]["abstract"]) == 1
