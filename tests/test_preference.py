@@ -336,3 +336,22 @@ def test_builtin_outcome_preference_pairs_abstracts_with_the_same_papers_summari
             assert row["abstract"] == outcome[i]["abstract"] and row["chosen"] == outcome[i]["summary"]
             assert row["rejected"] == (challenge, approach)[i % 2][i]["summary"] and row["id"] == challenge[i]["id"]
     assert task.format.render(task.test[0]).count(task.test[0]["abstract"]) == 1
+
+
+def test_estimate_counts_both_answers_of_every_pair(tmp_path, model_dirs):
+    from peftkit.config import load_config
+    from peftkit.estimate import estimate_memory, run_batches
+
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, [{**r, "chosen": r["rejected"] + " " + r["chosen"]} for r in toy_pair_rows(16)])  # chosen the longer
+    estimates, shapes = {}, {}
+    for objective in ("sft", "dpo"):
+        raw = pair_config(model_dirs["llama"], data, tmp_path / objective, objective, method="full")
+        raw["train"].update({"padding_free": False, "max_steps": 2})
+        (tmp_path / f"{objective}.yaml").write_text(yaml.safe_dump(raw))
+        cfg = load_config(tmp_path / f"{objective}.yaml")
+        shapes[objective], estimates[objective] = run_batches(cfg), estimate_memory(cfg)
+    assert [s.rows for s in shapes["dpo"]] == [2 * s.rows for s in shapes["sft"]] == [8, 8]
+    assert 1.4 < estimates["dpo"].activations / estimates["sft"].activations < 2.2
+    # the reference is cached log-probs, not a frozen copy: weights, gradients, optimizer as for SFT
+    assert (estimates["dpo"].weights, estimates["dpo"].optimizer) == (estimates["sft"].weights, estimates["sft"].optimizer)

@@ -15,6 +15,11 @@ coefficients were read off `torch.autograd.graph.saved_tensors_hooks` on Llama-s
 data is tokenized and each step's batch taken in the training order, so the estimate is the peak
 of the steps the run will take (one unpadded row per forward where the run is padding-free).
 
+Preference objectives (`objective: dpo | orpo`) run both answers of every pair in one forward: twice
+the rows, so about twice the activations of an SFT step of as many examples. DPO's reference costs no
+second copy of the model, for full fine-tuning too: its log-probabilities are computed once, without
+gradients, and cached per pair (train/preference.py), so weights, gradients and optimizer are unchanged.
+
 Example:
     >>> est = estimate_memory(load_config(None, ["method=full"]))
     >>> est.total / 2**30, est.state_vs_weights
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +48,7 @@ from .models import load_tokenizer, resolve_device, resolve_model_path
 from .precision import choose_dtype
 from .train.data import build_train_data, epoch_batches
 from .train.optim import effective_optimizer
+from .train.preference import run_micro_batches as preference_micro_batches
 from .train.setup import ADAPTER_NAME
 
 RUNTIME_BYTES = 450 * 2**20
@@ -256,6 +263,8 @@ def run_batches(cfg: RunConfig) -> list[BatchShape]:
     arch = architecture_of(config)
     flat = (cfg.train.padding_free and get_method(cfg.method).capabilities.padding_free and not seq2seq
             and arch is not None and arch.padding_free)  # one unpadded row per forward
+    if cfg.objective != "sft":  # preference pairs: both answers of every pair in the forward, ~2x the activations
+        return [batch_shape(units, flat) for units in preference_micro_batches(cfg, tokenizer)]
     data = build_train_data(cfg, load_tasks(cfg.data, cfg.train.seed), tokenizer, seq2seq)
     per_epoch = math.ceil(len(data.units) / cfg.train.batch_size)
     steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
@@ -265,11 +274,15 @@ def run_batches(cfg: RunConfig) -> list[BatchShape]:
         epoch, index = divmod(step, per_epoch)
         ids = epoch_batches(data.lengths, cfg.train.batch_size, cfg.train.seed, epoch)[index]
         for start in range(0, len(ids), rows):
-            units = [data.units[i] for i in ids[start : start + rows]]
-            targets = sum(sum(1 for t in u["labels"] if t != -100) for u in units)
-            lengths = [len(u["input_ids"]) for u in units]
-            shapes.append(BatchShape(1, sum(lengths), targets) if flat else BatchShape(len(units), max(lengths), targets))
+            shapes.append(batch_shape([data.units[i] for i in ids[start : start + rows]], flat))
     return shapes
+
+
+def batch_shape(units: list[dict[str, Any]], flat: bool) -> BatchShape:
+    """The forward shape of one micro-batch of tokenized examples (one unpadded row when `flat`)."""
+    targets = sum(sum(1 for t in u["labels"] if t != -100) for u in units)
+    lengths = [len(u["input_ids"]) for u in units]
+    return BatchShape(1, sum(lengths), targets) if flat else BatchShape(len(units), max(lengths), targets)
 
 
 def estimate_memory(cfg: RunConfig, batches: list[BatchShape] | None = None) -> MemoryEstimate:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -70,6 +71,39 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], tokens: tor
     return torch.zeros(len(tokens), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
 
 
+def pair_epoch_batches(pairs: Sequence[Mapping[str, Any]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The pair indices of each step of `epoch`, grouped by length: a pure function of (seed, epoch)."""
+    lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
+    return length_grouped_order(lengths, batch_size, random.Random(seed * 1000 + epoch))
+
+
+def limit_pairs(pairs: list[dict[str, Any]], cfg: RunConfig) -> list[dict[str, Any]]:
+    """`data.max_train_examples` pairs, sampled with the seed (all when unset)."""
+    if cfg.data.max_train_examples is None:
+        return pairs
+    return random.Random(cfg.train.seed).sample(pairs, min(cfg.data.max_train_examples, len(pairs)))
+
+
+def run_micro_batches(cfg: RunConfig, tokenizer: Any) -> list[list[dict[str, list[int]]]]:
+    """The examples of every micro-batch of a preference run, in training order (chosen answers, then rejected):
+    what `peftkit estimate` sizes. Twice the rows of an SFT step of as many examples."""
+    task = load_pairs(cfg.data, cfg.preference, cfg.train.seed)
+    pairs = limit_pairs(tokenize_pairs(task.train, tokenizer, task, cfg.data.max_length)[0], cfg)
+    if not pairs:
+        raise DataError(f"{task.name}: no usable training pair; fix the rows or raise data.max_length")
+    per_epoch = math.ceil(len(pairs) / cfg.train.batch_size)
+    steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    size = cfg.train.micro_batch_size or cfg.train.batch_size
+    out = []
+    for step in range(steps):
+        epoch, index = divmod(step, per_epoch)
+        ids = pair_epoch_batches(pairs, cfg.train.batch_size, cfg.train.seed, epoch)[index]
+        for start in range(0, len(ids), size):
+            piece = [pairs[i] for i in ids[start : start + size]]
+            out.append([p["chosen"] for p in piece] + [p["rejected"] for p in piece])
+    return out
+
+
 class PreferenceObjective:
     """DPO / IPO / ORPO on prompt, chosen, rejected pairs (see the module docstring)."""
 
@@ -100,8 +134,7 @@ class PreferenceObjective:
         length = cfg.data.max_length
         self.units, self.stats = tokenize_pairs(self.task.train, self.tokenizer, self.task, length)
         self.validation, _ = tokenize_pairs(self.task.validation, self.tokenizer, self.task, length, "validation")
-        if cfg.data.max_train_examples is not None:
-            self.units = random.Random(cfg.train.seed).sample(self.units, min(cfg.data.max_train_examples, len(self.units)))
+        self.units = limit_pairs(self.units, cfg)
         if not self.units:
             raise DataError(f"{self.task.name}: no usable training pair (identical answers: {self.stats.identical}, "
                             f"answers cut to nothing: {self.stats.empty}); fix the rows or raise data.max_length")
@@ -138,8 +171,7 @@ class PreferenceObjective:
         return {"batch": batch, "tokens": tokens, "keys": [p["key"] for p in pairs]}
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in self.units]
-        return length_grouped_order(lengths, self.cfg.train.batch_size, random.Random(self.cfg.train.seed * 1000 + epoch))
+        return pair_epoch_batches(self.units, self.cfg.train.batch_size, self.cfg.train.seed, epoch)
 
     def micro_batches(self, units: Sequence[Mapping[str, Any]], size: int | None, device: torch.device) -> list[MicroBatch]:
         size = size or len(units)
