@@ -24,7 +24,8 @@ Reported per system (tokens/s the best of `--repeats` interleaved rounds, memory
 - real tokens/s: non-padding tokens per second of the steps after `--warmup` (the same number of
   steps dropped for every system); peftkit's from its metrics.jsonl (`elapsed_s` per step);
 - wall time and peak RSS of the whole process (load, train, validate/held-out loss, save);
-- useful model FLOP/s as a fraction of a matmul peak measured in the same run in the chosen dtype
+- useful model FLOP/s as a fraction of a matmul peak in the chosen dtype, measured just before that
+  system's run (a shared machine's load moves both alike)
   (per token: 2 passes (forward, input gradients) x 2 FLOPs x the linear weights, plus causal
   attention over each example; padding and recomputation count for nothing);
 - the mean token loss on 32 held-out examples after training (peftkit: its own validation loss).
@@ -374,25 +375,25 @@ def machine() -> str:
 
 
 def best_of(rounds: list[dict]) -> dict:
-    """The fastest round's figures, with the highest peak memory and the longest wall time of all rounds."""
+    """The fastest round's figures (wall time included), with the highest peak memory of all rounds."""
     best = dict(max(rounds, key=lambda r: r["tokens_per_s"]))
     best["peak_gb"] = max(r["peak_gb"] for r in rounds)
-    best["wall_s"] = max(r["wall_s"] for r in rounds)
     best["rounds"] = len(rounds)
     return best
 
 
-def table(args: argparse.Namespace, results: list[dict], peak: float, dtype: torch.dtype, why: str, command: str,
+def table(args: argparse.Namespace, results: list[dict], dtype: torch.dtype, why: str, command: str,
           load: tuple[float, float]) -> str:
     ref = max((r for r in results if not r["system"].startswith("peftkit")), key=lambda r: r["tokens_per_s"],
               default=results[0])
     lines = [
         f"### {args.workload} workload, {args.method}, precision {args.precision} ({dtype_name(dtype)}: {why})", "",
         (f"`{command}` — {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 1-minute load average "
-         f"{load[0]:.1f} at the start, {load[1]:.1f} at the end; matmul peak measured {peak / 1e9:.1f} GFLOP/s "
+         f"{load[0]:.1f} at the start, {load[1]:.1f} at the end; matmul peak measured before each run "
+         f"{min(r['peak'] for r in results) / 1e9:.1f}..{max(r['peak'] for r in results) / 1e9:.1f} GFLOP/s "
          f"({dtype_name(dtype)}, 2048², {torch.get_num_threads()} threads). Ratios are against the fastest reference "
-         f"row ({LABELS[ref['system']]}); tokens/s is the best of {ref.get('rounds', 1)} interleaved round(s), "
-         f"memory and wall time the highest."), "",
+         f"row ({LABELS[ref['system']]}); tokens/s and wall time are the fastest of {ref.get('rounds', 1)} "
+         f"interleaved round(s), memory the highest."), "",
         "| system | dtype | steps | real tokens/s | x ref | wall (s) | x ref | peak RSS (GB) | x ref | FLOP/s of peak "
         "| held-out loss | first -> last train loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -404,7 +405,7 @@ def table(args: argparse.Namespace, results: list[dict], peak: float, dtype: tor
         lines.append(
             f"| {label} | {r['dtype']} | {r['steps']} | {r['tokens_per_s']:.0f} "
             f"| {r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['wall_s']:.0f} | {r['wall_s'] / ref['wall_s']:.2f} "
-            f"| {r['peak_gb']:.2f} | {r['peak_gb'] / ref['peak_gb']:.2f} | {100 * r['flops_per_s'] / peak:.1f}% "
+            f"| {r['peak_gb']:.2f} | {r['peak_gb'] / ref['peak_gb']:.2f} | {100 * r['flops_per_s'] / r['peak']:.1f}% "
             f"| {r['held_out_loss']:.4f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -446,17 +447,16 @@ def main() -> None:
         folder = Path(tmp)
         config = prepare(args, folder)
         shape = model_shape(folder / "model")
-        peak = matmul_peak(dtype)
-        print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype_name(dtype)}: {why})", flush=True)
         runs: dict[str, list[dict]] = {system: [] for system in args.systems.split(",")}
         for round_ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every system alike
             for system, done in runs.items():
-                r = measure(system, args, config, folder, round_, shape, env)
+                peak = matmul_peak(dtype)
+                r = {**measure(system, args, config, folder, round_, shape, env), "peak": peak}
                 done.append(r)
                 print(f"{system} (round {round_ + 1}): {r['tokens_per_s']:.0f} tok/s, wall {r['wall_s']:.0f} s, "
-                      f"peak {r['peak_gb']:.2f} GB, held-out loss {r['held_out_loss']:.4f}", flush=True)
+                      f"peak {r['peak_gb']:.2f} GB, matmul peak {peak / 1e9:.1f} GFLOP/s, held-out loss {r['held_out_loss']:.4f}", flush=True)
             results = [best_of(rounds) for rounds in runs.values()]
-            report = table(args, results, peak, dtype, why, command, (load_start, os.getloadavg()[0]))
+            report = table(args, results, dtype, why, command, (load_start, os.getloadavg()[0]))
             print(f"after round {round_ + 1} of {args.repeats}:\n{report}", flush=True)  # a cut-short run still has a table
     if args.results:
         with args.results.open("a") as f:
