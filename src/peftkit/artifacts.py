@@ -80,7 +80,8 @@ def artifact_kind(path: str | Path) -> Kind:
     if path.is_file():
         raise AdapterError(f"{path}: is a file; give the folder `peftkit train` or `peftkit merge` wrote")
     if not path.is_dir():
-        raise AdapterError(f"{path}: no such adapter or model folder")
+        raise AdapterError(f"{path}: no such adapter or model folder; give the folder `peftkit train` wrote "
+                           "(output_dir/adapter), a merged export or a full fine-tune's output_dir/adapter")
     if (path / CONFIG_NAME).is_file():
         return "adapter"
     if (path / "config.json").is_file():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..adapters import CONFIG_NAME, AdaptedModel, read_adapter_config, read_adapter_weights, read_sidecar
-from ..artifacts import load_artifact, resize_for_adapter
+from ..artifacts import artifact_kind, load_artifact, resize_for_adapter
 from ..errors import AdapterError, PeftkitError
 from ..models import load_model, resolve_device, resolve_model_path
 from ..precision import resolve_dtype
@@ -100,8 +100,7 @@ def describe_system(spec: str | Path, taken: set[str], model: str | None = None)
     given, path = split_named(spec)
     if given in taken:
         raise PeftkitError(f"system name {given!r} is taken; names must be unique and not 'base'")
-    if not path.is_dir():
-        raise AdapterError(f"{path}: no such adapter or model folder")
+    artifact_kind(path)  # a missing folder, a file or a folder of neither kind: one message, as every verb gives
     meta = read_sidecar(path)
     seconds, curve = run_log(path)
     if is_full_model_folder(path):
