@@ -355,3 +355,22 @@ def test_estimate_counts_both_answers_of_every_pair(tmp_path, model_dirs):
     assert 1.4 < estimates["dpo"].activations / estimates["sft"].activations < 2.2
     # the reference is cached log-probs, not a frozen copy: weights, gradients, optimizer as for SFT
     assert (estimates["dpo"].weights, estimates["dpo"].optimizer) == (estimates["sft"].weights, estimates["sft"].optimizer)
+
+
+@pytest.mark.parametrize("max_steps,epochs,expected", [(1, 1, None), (3, 1, 10), (None, 2, 10)])
+def test_the_starting_reference_scores_only_the_pairs_the_run_visits(tmp_path, model_dirs, max_steps, epochs, expected):
+    from peftkit.config import load_config
+    from peftkit.train.preference import PreferenceObjective
+
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, toy_pair_rows(4))
+    raw = pair_config(model_dirs["llama"], data, tmp_path / "run", "dpo")
+    raw["train"].update({"max_steps": max_steps, "epochs": epochs})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    objective = PreferenceObjective(load_config(tmp_path / "cfg.yaml"))
+    objective.units = [{"chosen": {"input_ids": [1] * (i % 5 + 1)}, "rejected": {"input_ids": [1]}, "key": ("train", i)}
+                       for i in range(10)]
+    visited = objective.visited_pairs()
+    first_step = {objective.units[i]["key"] for i in objective.epoch_batches(0)[0]}  # 4 or 2 pairs (10 = 4 + 4 + 2)
+    assert {p["key"] for p in visited} == (first_step if expected is None else {u["key"] for u in objective.units})
+    assert len(visited) == len({p["key"] for p in visited})

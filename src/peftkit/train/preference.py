@@ -12,8 +12,8 @@ DPO's reference model costs no second model. Its log-probabilities of each pair 
 - a fresh adapter: with the adapter disabled (`AdaptedModel.disable_adapter`), i.e. the base model, the first
   time a pair is met (the base does not change, so later epochs reuse them);
 - `train.init_adapter` (the usual two-stage recipe: DPO from an SFT adapter) and `method: full`: with the
-  starting weights, for every pair before the first step (the weights move from step 1 on), so
-  full fine-tuning needs no frozen copy of the model in memory.
+  starting weights, for every pair the run's steps will use and every validation pair, before the first
+  step (the weights move from step 1 on), so full fine-tuning needs no frozen copy of the model in memory.
 
 ORPO has no reference. The step's loss is the mean pair loss; metrics.jsonl gets the mean reward margin
 and the preference accuracy (how often the chosen answer's reward beats the rejected one's).
@@ -148,9 +148,20 @@ class PreferenceObjective:
         if self.settings.needs_reference:
             self.reference_model = adapted
             if cfg.method == "full" or cfg.train.init_adapter:  # the reference is the STARTING weights: score them all now
-                self.cache_reference(adapted, self.units + self.validation, contextlib.nullcontext)
+                self.cache_reference(adapted, self.visited_pairs() + self.validation, contextlib.nullcontext)
                 self.reference_model = None
         return Prepared(model, self.tokenizer, adapted)
+
+    def visited_pairs(self) -> list[dict[str, Any]]:
+        """The training pairs the run's steps will use (as the loop counts steps): with `train.max_steps`, maybe few."""
+        train = self.cfg.train
+        per_epoch = math.ceil(len(self.units) / train.batch_size)
+        total = train.max_steps or max(1, math.ceil(train.epochs * per_epoch))
+        used: set[int] = set()
+        for epoch in range(math.ceil(total / per_epoch)):
+            for batch in self.epoch_batches(epoch)[: total - epoch * per_epoch]:
+                used.update(batch)
+        return [self.units[i] for i in sorted(used)]
 
     def cache_reference(self, model: nn.Module, pairs: Sequence[Mapping[str, Any]], context: Any) -> None:
         """Reference log-probs of `pairs` not cached yet, under no_grad inside `context()`, in micro-batches."""
