@@ -82,5 +82,11 @@ def test_shipped_config_loads_and_dry_runs(path):
 
         assert load_encoder_data(cfg).train and Path(resolve_model_path(cfg.model)).is_dir()
         return
+    if cfg.objective != "sft":  # preference pairs (docs/preference.md)
+        from peftkit.data.preference import load_pairs
+
+        pairs = load_pairs(cfg.data, cfg.preference, cfg.train.seed)
+        assert pairs.train and pairs.format.templates
+        return
     task = load_task(cfg.data, cfg.train.seed)  # the data it names exists and has the needed columns
     assert task.train and task.format.templates

@@ -451,6 +451,9 @@ def _check_preference(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"objective: {cfg.objective} tunes a generation model; remove it, or set task: generation")
     if cfg.data.mixture or cfg.data.packing:
         errors.append(f"data: objective {cfg.objective} reads one pair dataset unpacked; remove data.mixture / data.packing")
+    if cfg.train.select_by != "val_loss":
+        errors.append(f"train.select_by: objective {cfg.objective} keeps the best weights by the validation pair loss; "
+                      "set train.select_by: val_loss")
     if cfg.data.train is None and cfg.data.dataset not in PREFERENCE_DATASETS:
         errors.append(f"data.dataset: {cfg.data.dataset!r} has no answer pairs; objective {cfg.objective} needs "
                       f"{' or '.join(PREFERENCE_DATASETS)}, or a `train` file of prompt / chosen / rejected rows")

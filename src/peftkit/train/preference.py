@@ -19,7 +19,7 @@ ORPO has no reference. The step's loss is the mean pair loss; metrics.jsonl gets
 and the preference accuracy (how often the chosen answer's reward beats the rejected one's).
 
 Example:
-    >>> objective = PreferenceObjective(load_config("configs/dpo.yaml"))
+    >>> objective = PreferenceObjective(load_config("configs/dpo.yaml", ["train.init_adapter=null"]))
     >>> prepared = objective.prepare(torch.float32, torch.device("cpu"))
 """
 
