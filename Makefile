@@ -42,7 +42,7 @@ demo: install
 # The tests whose outcome depends on `precision: auto` run a second time with CPU bf16 detection forced the
 # other way (PEFTKIT_CPU_BF16, README "Precision"), so every host checks both outcomes. PRECISION_TESTS= skips it.
 # (the runs that train with `auto`; the estimator and bitsandbytes tests name their precision, so they are not here.
-# Forced bf16 on an AVX2-only host is emulated: these 4 files took ~10 min there at load 7, 2 threads)
+# Forced bf16 on an AVX2-only host is emulated: these 4 files plus those two took 702 s there, load 7, 2 threads)
 PRECISION_TESTS ?= tests/test_precision.py tests/test_train.py tests/test_methods_train.py tests/test_tasks.py
 FLIPPED_CPU_BF16 = $(BIN)/python -c "from peftkit.precision import cpu_supports_bf16; print(int(not cpu_supports_bf16()))"
 
