@@ -108,6 +108,8 @@ class PreferenceObjective:
     """DPO / IPO / ORPO on prompt, chosen, rejected pairs (see the module docstring)."""
 
     count_unit = "pairs"
+    name = "dpo"  # each instance names its own objective (dpo or orpo) in __init__
+    units: list[dict[str, Any]] = []  # the loop reads it after prepare(); __init__ gives each instance its own list
 
     def __init__(self, cfg: RunConfig) -> None:
         p = cfg.preference
